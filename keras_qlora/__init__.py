@@ -1,0 +1,28 @@
+"""keras_qlora: Queryable LoRA for Keras 3 on TensorFlow, PyTorch and JAX.
+
+Queryable LoRA (arXiv 2605.08423) replaces each layer's fixed low-rank update
+with one routed through a memory of `r x r` update atoms shared by all
+adapted layers. It is not the quantized "QLoRA" of Dettmers et al.
+"""
+
+from keras_qlora.factorization import Factorization, factorize_equation
+from keras_qlora.layers import QueryableLoRADense, QueryableLoRAEinsumDense, adapt
+from keras_qlora.memory import AtomMemory, IdentityNoise, OrthogonalAtoms
+from keras_qlora.params import count_parameters, print_trainable_parameters
+from keras_qlora.prior import InstructionPrior
+from keras_qlora.version import __version__
+
+__all__ = [
+    "AtomMemory",
+    "Factorization",
+    "IdentityNoise",
+    "InstructionPrior",
+    "OrthogonalAtoms",
+    "QueryableLoRADense",
+    "QueryableLoRAEinsumDense",
+    "__version__",
+    "adapt",
+    "count_parameters",
+    "factorize_equation",
+    "print_trainable_parameters",
+]

@@ -1,0 +1,97 @@
+"""The routing math of Queryable LoRA, as pure functions of `keras.ops`.
+
+This follows the paper's description (arXiv 2605.08423); its exact equations
+were not published in reach, so `METHOD.md` of this project is the definition
+implemented here. Every function works on any leading shape ("positions"): it
+never mixes two positions, which keeps causal models causal.
+"""
+
+from keras import ops
+
+RMS_EPSILON = 1e-6
+# Added to the logits of unselected atoms: finite, so no inf enters a gradient.
+_MASKED_LOGIT = -1e9
+
+
+def rms_norm(x):
+    """`x / sqrt(mean(x**2) + eps)` over the last axis, without a scale."""
+    return x * ops.rsqrt(ops.mean(ops.square(x), axis=-1, keepdims=True) + RMS_EPSILON)
+
+
+def top_k_softmax(logits, k):
+    """Softmax over the `k` largest logits of the last axis, zero elsewhere.
+
+    The result is a convex combination: non-negative, sums to one, with `k`
+    non-zeros when no two logits tie at the k-th place. With `k` equal to the
+    number of atoms it is the dense softmax. Selection is by a threshold on
+    the k-th value, so no index arithmetic (whose tie-breaking and
+    out-of-range behaviour differ per backend) is involved.
+    """
+    if k >= logits.shape[-1]:
+        return ops.softmax(logits, axis=-1)
+    kth_value = ops.top_k(logits, k, sorted=True)[0][..., k - 1 : k]
+    kept = ops.greater_equal(logits, kth_value)
+    return ops.softmax(ops.where(kept, logits, _MASKED_LOGIT), axis=-1)
+
+
+def mix_atoms(alpha, z, atoms):
+    """`R z = sum_m alpha_m (U_m z)` for every position.
+
+    Args:
+        alpha: `(..., M)` routing weights.
+        z: `(..., r)` low-rank state.
+        atoms: `(M, r, r)`; `U_m z` is the row vector `z @ U_m`.
+
+    Computed as one contraction over `(m, i)` of the outer product
+    `alpha ⊗ z` with the stacked atoms, so the cost per position is `M r²`
+    multiply-adds and no `r x r` matrix is formed per position.
+    """
+    weighted = ops.expand_dims(alpha, -1) * ops.expand_dims(z, -2)
+    return ops.einsum("...mi,mij->...j", weighted, atoms)
+
+
+def attention_summary(reads, depth_query, initial):
+    """Attention over depth: `sum_j beta_j v_j`, `beta = softmax(<w, rms(v_j)>)`.
+
+    Args:
+        reads: list of `(..., d_s)` tensors, one per finished block.
+        depth_query: `(d_s,)` vector `w`.
+        initial: `(d_s,)` summary `s_0` used when no block has finished.
+    """
+    if not reads:
+        return initial
+    stacked = ops.stack(reads, axis=-2)
+    scores = ops.einsum("...jd,d->...j", rms_norm(stacked), depth_query)
+    beta = ops.softmax(scores, axis=-1)
+    return ops.einsum("...j,...jd->...d", beta, stacked)
+
+
+def ema_summary(reads, momentum, initial):
+    """Exponential moving average: `s_b = mu s_{b-1} + (1 - mu) v_{b-1}`."""
+    summary = initial
+    for read in reads:
+        summary = momentum * summary + (1.0 - momentum) * read
+    return summary
+
+
+def expand_to_positions(per_example, like):
+    """Broadcasts `(batch, n)` over the positions of `like` `(batch, ..., k)`."""
+    for _ in range(len(like.shape) - 2):
+        per_example = ops.expand_dims(per_example, 1)
+    return per_example
+
+
+def kl_to_routing(log_prior, logits):
+    """`KL(pi || mean over positions of softmax(logits))`, averaged over batch.
+
+    Args:
+        log_prior: `(batch, M)` log-probabilities `log pi`.
+        logits: `(batch, ..., M)` routing logits.
+    """
+    probs = ops.softmax(logits, axis=-1)
+    position_axes = tuple(range(1, len(logits.shape) - 1))
+    if position_axes:
+        probs = ops.mean(probs, axis=position_axes)
+    prior = ops.exp(log_prior)
+    kl = ops.sum(prior * (log_prior - ops.log(probs + 1e-12)), axis=-1)
+    return ops.mean(kl)
