@@ -91,7 +91,11 @@ class QueryableLoRAMixin:
             # The base class's own call keeps its quantized kernels working.
             outputs = super().call(inputs, training=training)
         else:
-            outputs = ops.einsum(self.factorization.base_equation, inputs, self.kernel)
+            # The same op the base class uses, so a zero update is exact.
+            if isinstance(self, keras.layers.EinsumDense):
+                outputs = ops.einsum(self.equation, inputs, self.kernel)
+            else:
+                outputs = ops.matmul(inputs, self.kernel)
             if self.bias is not None:
                 outputs = outputs + self.bias
         outputs = outputs + self.adapter_delta(inputs, instruction)
@@ -101,13 +105,17 @@ class QueryableLoRAMixin:
 
     def adapter_delta(self, inputs, instruction=None):
         """The routed update `s (R z) B`, in the layer's compute dtype."""
-        z = ops.einsum(self.factorization.down_equation, inputs, self.qlora_a)
+        # Float32 adapter weights meet the compute dtype here: autocasting
+        # only happens under mixed policies, not under e.g. "bfloat16".
+        dtype = self.compute_dtype
+        z = ops.einsum(self.factorization.down_equation, inputs, ops.cast(self.qlora_a, dtype))
         routed, kl_loss = self.memory.routed_update(z, self.block, self, instruction)
         if kl_loss is not None:
             self.add_loss(kl_loss)
-        routed = ops.cast(routed, self.compute_dtype)
-        delta = ops.einsum(self.factorization.up_equation, routed, self.qlora_b)
-        return delta * ops.cast(self.lora_scale, self.compute_dtype)
+        delta = ops.einsum(
+            self.factorization.up_equation, ops.cast(routed, dtype), ops.cast(self.qlora_b, dtype)
+        )
+        return delta * ops.cast(self.lora_scale, dtype)
 
     def enable_lora(self, *args, **kwargs):
         raise ValueError(
@@ -140,11 +148,12 @@ class QueryableLoRAMixin:
                 f"Expected: {[v.name for v in base_vars]}"
             )
 
-    def _adapter_config(self):
+    def get_config(self):
         # The memory object itself, not its config: Keras serializes it while
         # serializing this config, which is what lets `keras.saving` record
         # it as one object shared by every adapted layer.
         return {
+            **super().get_config(),
             "memory": self.memory,
             "block": self.block,
             "lora_alpha": self.lora_alpha,
@@ -154,7 +163,7 @@ class QueryableLoRAMixin:
         }
 
     @classmethod
-    def _deserialize_memory(cls, config):
+    def from_config(cls, config):
         config = dict(config)
         if isinstance(config["memory"], dict):
             if global_state.get_global_attribute("shared_objects/id_to_obj_map") is None:
@@ -166,7 +175,7 @@ class QueryableLoRAMixin:
                     stacklevel=3,
                 )
             config["memory"] = keras.saving.deserialize_keras_object(config["memory"])
-        return config
+        return super().from_config(config)
 
 
 _ADAPTER_DEFAULTS = dict(rank=None, lora_alpha=None, rslora=False, a_initializer="he_uniform", b_initializer="zeros")
@@ -223,13 +232,6 @@ class QueryableLoRADense(QueryableLoRAMixin, keras.layers.Dense):
         super().build(input_shape)
         self._build_adapter(factorize_layer(self, self.rank))
 
-    def get_config(self):
-        return {**super().get_config(), **self._adapter_config()}
-
-    @classmethod
-    def from_config(cls, config):
-        return super().from_config(cls._deserialize_memory(config))
-
 
 @keras.saving.register_keras_serializable(package="keras_qlora")
 class QueryableLoRAEinsumDense(QueryableLoRAMixin, keras.layers.EinsumDense):
@@ -262,29 +264,33 @@ class QueryableLoRAEinsumDense(QueryableLoRAMixin, keras.layers.EinsumDense):
         super().build(input_shape)
         self._build_adapter(factorize_layer(self, self.rank))
 
-    def get_config(self):
-        return {**super().get_config(), **self._adapter_config()}
 
-    @classmethod
-    def from_config(cls, config):
-        return super().from_config(cls._deserialize_memory(config))
+def _in_place_class(cls):
+    """The class an adapted `cls` instance takes; made once per class.
 
-
-_ADAPTED_CLASSES = {
-    keras.layers.Dense: QueryableLoRADense,
-    keras.layers.EinsumDense: QueryableLoRAEinsumDense,
-}
-
-
-def _adapted_class(cls):
-    """The adapted class for `cls`; generated once for subclasses."""
-    if cls not in _ADAPTED_CLASSES:
-        _ADAPTED_CLASSES[cls] = type(
-            f"QueryableLoRA{cls.__name__}",
-            (QueryableLoRAMixin, cls),
-            {"__module__": __name__, "__doc__": f"`{cls.__name__}` with a Queryable LoRA adapter."},
+    It keeps `cls.__name__`: Keras names the weights of layers held in a list
+    (a functional model's layers) by their class name, so keeping the name
+    keeps every weight path, and a checkpoint of the base model still loads.
+    For `Dense` and `EinsumDense` it derives from the fresh adapted class and
+    is registered for `.keras` files under `keras_qlora>InPlace<name>`.
+    """
+    if cls not in _IN_PLACE_CLASSES:
+        fresh = {keras.layers.Dense: QueryableLoRADense, keras.layers.EinsumDense: QueryableLoRAEinsumDense}
+        bases = (fresh[cls],) if cls in fresh else (QueryableLoRAMixin, cls)
+        adapted = type(
+            cls.__name__,
+            bases,
+            {"__module__": __name__, "__qualname__": cls.__qualname__, "__doc__": bases[0].__doc__},
         )
-    return _ADAPTED_CLASSES[cls]
+        if cls in fresh:
+            keras.saving.register_keras_serializable("keras_qlora", f"InPlace{cls.__name__}")(adapted)
+        _IN_PLACE_CLASSES[cls] = adapted
+    return _IN_PLACE_CLASSES[cls]
+
+
+_IN_PLACE_CLASSES = {}
+for _cls in (keras.layers.Dense, keras.layers.EinsumDense):
+    _in_place_class(_cls)
 
 
 def adapt(layer, memory, block=0, rank=None, lora_alpha=None, rslora=False,
@@ -340,7 +346,7 @@ def adapt(layer, memory, block=0, rank=None, lora_alpha=None, rslora=False,
         QueryableLoRAMixin._build_adapter(layer, factorization)
     finally:
         layer._tracker.lock()
-    layer.__class__ = _adapted_class(type(layer))
+    layer.__class__ = _in_place_class(type(layer))
     # Keras reads the call signature once, at construction.
     layer._call_signature = inspect.signature(layer.call)
     layer.call_signature_parameters = list(layer._call_signature.parameters)

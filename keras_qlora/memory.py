@@ -415,6 +415,12 @@ class AtomMemory(keras.layers.Layer):
 
     # -- bookkeeping -------------------------------------------------------
 
+    def load_own_variables(self, store):
+        # An empty entry is a checkpoint saved before the adapter existed
+        # (the base model's): the adapter keeps its current values.
+        if len(store.keys()):
+            super().load_own_variables(store)
+
     def compute_output_shape(self, input_shape):
         return input_shape
 

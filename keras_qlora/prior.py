@@ -121,6 +121,12 @@ class InstructionPrior(keras.layers.Layer):
             return None
         return ops.matmul(ops.cast(instruction, "float32"), self.query_kernel)
 
+    def load_own_variables(self, store):
+        # An empty entry is a checkpoint saved before the adapter existed
+        # (the base model's): the adapter keeps its current values.
+        if len(store.keys()):
+            super().load_own_variables(store)
+
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_atoms)
 

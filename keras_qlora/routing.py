@@ -15,7 +15,7 @@ _MASKED_LOGIT = -1e9
 
 def rms_norm(x):
     """`x / sqrt(mean(x**2) + eps)` over the last axis, without a scale."""
-    return x * ops.rsqrt(ops.mean(ops.square(x), axis=-1, keepdims=True) + RMS_EPSILON)
+    return ops.multiply(x, ops.rsqrt(ops.mean(ops.square(x), axis=-1, keepdims=True) + RMS_EPSILON))
 
 
 def top_k_softmax(logits, k):
@@ -46,7 +46,7 @@ def mix_atoms(alpha, z, atoms):
     `alpha ⊗ z` with the stacked atoms, so the cost per position is `M r²`
     multiply-adds and no `r x r` matrix is formed per position.
     """
-    weighted = ops.expand_dims(alpha, -1) * ops.expand_dims(z, -2)
+    weighted = ops.multiply(ops.expand_dims(alpha, -1), ops.expand_dims(z, -2))
     return ops.einsum("...mi,mij->...j", weighted, atoms)
 
 
@@ -70,7 +70,7 @@ def ema_summary(reads, momentum, initial):
     """Exponential moving average: `s_b = mu s_{b-1} + (1 - mu) v_{b-1}`."""
     summary = initial
     for read in reads:
-        summary = momentum * summary + (1.0 - momentum) * read
+        summary = ops.add(ops.multiply(momentum, summary), ops.multiply(1.0 - momentum, read))
     return summary
 
 
