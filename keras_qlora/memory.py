@@ -76,6 +76,20 @@ class OrthogonalAtoms(keras.initializers.Initializer):
         return {"seed": self.seed}
 
 
+def _outside_torch_compile(method):
+    """Runs `method` eagerly inside `torch.compile` (TorchDynamo).
+
+    Dynamo does not replay the pass state's mutations within one trace: under
+    `jit_compile=True` a later block read the state as it was before the
+    trace began and routed wrongly. A graph break here keeps it correct.
+    """
+    if keras.backend.backend() != "torch":
+        return method
+    import torch
+
+    return torch.compiler.disable(method)
+
+
 Routing = collections.namedtuple("Routing", ["alpha", "read", "logits", "log_prior"])
 
 ATOM_INITIALIZERS = {"identity": IdentityNoise, "orthogonal": OrthogonalAtoms}
@@ -348,6 +362,7 @@ class AtomMemory(keras.layers.Layer):
                 f"memory with num_blocks={self.num_blocks}. Received: block={block!r}"
             )
 
+    @_outside_torch_compile
     def routed_update(self, z, block, caller, instruction=None):
         """`R z` for one adapted layer's call, inside the current pass.
 

@@ -197,8 +197,24 @@ def test_jit_and_eager_agree_and_repeat_exactly():
     x = np.random.default_rng(9).normal(size=(16, 12)).astype("float32")
     eager = to_numpy(model(x))
     np.testing.assert_array_equal(to_numpy(model(x)), eager)
+    # XLA on TensorFlow and JAX; torch.compile is tested on its own below.
+    model.compile(jit_compile=keras.backend.backend() != "torch")
     np.testing.assert_allclose(model.predict(x, batch_size=16, verbose=0), eager, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(model.predict(x, batch_size=16, verbose=0), eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch.compile is the torch backend's jit")
+def test_torch_compile_agrees_with_eager():
+    import torch
+
+    memory = keras_qlora.AtomMemory(num_atoms=5, rank=3, num_blocks=3)
+    model = mlp(memory)
+    randomize_adapters(model)
+    x = np.random.default_rng(9).normal(size=(16, 12)).astype("float32")
+    eager = to_numpy(model(x))
+    compiled = torch.compile(lambda t: model(t))
+    for _ in range(2):
+        np.testing.assert_allclose(to_numpy(compiled(torch.tensor(x))), eager, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["float32", "bfloat16", "mixed_bfloat16"])
