@@ -10,6 +10,7 @@ from keras_qlora.layers import QueryableLoRADense, QueryableLoRAEinsumDense, ada
 from keras_qlora.memory import AtomMemory, IdentityNoise, OrthogonalAtoms
 from keras_qlora.params import count_parameters, print_trainable_parameters
 from keras_qlora.prior import InstructionPrior
+from keras_qlora.retrofit import enable, find_blocks, get_memory
 from keras_qlora.version import __version__
 
 __all__ = [
@@ -23,6 +24,9 @@ __all__ = [
     "__version__",
     "adapt",
     "count_parameters",
+    "enable",
+    "find_blocks",
+    "get_memory",
     "factorize_equation",
     "print_trainable_parameters",
 ]

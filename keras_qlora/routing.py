@@ -27,6 +27,8 @@ def top_k_softmax(logits, k):
     the k-th value, so no index arithmetic (whose tie-breaking and
     out-of-range behaviour differ per backend) is involved.
     """
+    if logits.shape[-1] == 1:
+        return ops.ones_like(logits)
     if k >= logits.shape[-1]:
         return ops.softmax(logits, axis=-1)
     kth_value = ops.top_k(logits, k, sorted=True)[0][..., k - 1 : k]
@@ -60,6 +62,8 @@ def attention_summary(reads, depth_query, initial):
     """
     if not reads:
         return initial
+    if len(reads) == 1:
+        return reads[0]
     stacked = ops.stack(reads, axis=-2)
     scores = ops.einsum("...jd,d->...j", rms_norm(stacked), depth_query)
     beta = ops.softmax(scores, axis=-1)
