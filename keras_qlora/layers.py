@@ -60,6 +60,10 @@ class QueryableLoRAMixin:
         self.a_initializer = keras.initializers.get(a_initializer)
         self.b_initializer = keras.initializers.get(b_initializer)
 
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_adapter(factorize_layer(self, self.rank))
+
     @property
     def lora_scale(self):
         """`s = lora_alpha / r`, or `lora_alpha / sqrt(r)` with `rslora`."""
@@ -224,13 +228,8 @@ class QueryableLoRADense(QueryableLoRAMixin, keras.layers.Dense):
     def __init__(self, units, memory, block=0, **kwargs):
         adapter = {k: kwargs.pop(k, v) for k, v in _ADAPTER_DEFAULTS.items()}
         super().__init__(units, **kwargs)
-        _check_adapter_args(memory, adapter["rank"], block, adapter["lora_alpha"], adapter["rslora"])
-        adapter.pop("rank")
+        _check_adapter_args(memory, adapter.pop("rank"), block, adapter["lora_alpha"], adapter["rslora"])
         self._configure_adapter(memory, block, **adapter)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_adapter(factorize_layer(self, self.rank))
 
 
 @keras.saving.register_keras_serializable(package="keras_qlora")
@@ -256,13 +255,8 @@ class QueryableLoRAEinsumDense(QueryableLoRAMixin, keras.layers.EinsumDense):
     def __init__(self, equation, output_shape, memory, block=0, **kwargs):
         adapter = {k: kwargs.pop(k, v) for k, v in _ADAPTER_DEFAULTS.items()}
         super().__init__(equation, output_shape, **kwargs)
-        _check_adapter_args(memory, adapter["rank"], block, adapter["lora_alpha"], adapter["rslora"])
-        adapter.pop("rank")
+        _check_adapter_args(memory, adapter.pop("rank"), block, adapter["lora_alpha"], adapter["rslora"])
         self._configure_adapter(memory, block, **adapter)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_adapter(factorize_layer(self, self.rank))
 
 
 def _in_place_class(cls):
