@@ -436,9 +436,6 @@ class AtomMemory(keras.layers.Layer):
         if len(store.keys()):
             super().load_own_variables(store)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         return {
             **super().get_config(),
