@@ -37,7 +37,7 @@ from keras import ops
 
 from keras_qlora import routing
 from keras_qlora._validation import check_choice, check_non_negative, check_positive_int
-from keras_qlora.prior import InstructionPrior
+from keras_qlora.prior import InstructionPrior, add_state_variable, load_weights_only, save_weights_only
 
 SUMMARY_MODES = ("attention", "ema", "none")
 ROUTING_MODES = ("block", "layer")
@@ -282,6 +282,10 @@ class AtomMemory(keras.layers.Layer):
             self.atom_values = self._add("atom_values", (m, ds), normal(stddev=1.0))
         if self.summary == "attention":
             self.depth_query = self._add("depth_query", (ds,), "zeros")
+        # Runtime state, not a weight (never saved): 0 while the adapters are
+        # off (`keras_qlora.disable_adapter`). A variable, not a Python flag,
+        # so compiled functions (KerasHub's cached `generate`) see changes.
+        self.adapter_gate = add_state_variable(self, "adapter_gate", (), "ones")
         if self.prior is not None and not self.prior.built:
             self.prior.build()
         self.built = True
@@ -301,7 +305,7 @@ class AtomMemory(keras.layers.Layer):
             return routing.ema_summary(reads, self.summary_momentum, self.summary_init)
         return self.summary_init
 
-    def route(self, z, block, summary=None, instruction=None):
+    def route(self, z, block, summary=None, instruction=None, instruction_gate=None):
         """Routing weights of one block for the low-rank state `z`.
 
         Args:
@@ -311,6 +315,8 @@ class AtomMemory(keras.layers.Layer):
                 `None` uses the initial summary `s_0`.
             instruction: `(batch, embedding_dim)` instruction embedding for
                 the prior, or `None`.
+            instruction_gate: `None`, or a float32 scalar multiplying the
+                instruction's terms (`0` removes them exactly).
 
         Returns:
             A `Routing` of float32 tensors: `alpha`, the routing weights
@@ -333,8 +339,13 @@ class AtomMemory(keras.layers.Layer):
         if instruction is not None:
             self.check_instruction(instruction)
             if self.prior.instruction_in_query:
-                query = query + routing.expand_to_positions(self.prior.query_bias(instruction), z)
+                bias = self.prior.query_bias(instruction)
+                if instruction_gate is not None:
+                    bias = bias * instruction_gate
+                query = query + routing.expand_to_positions(bias, z)
             log_prior = self.prior.call(instruction)
+            if instruction_gate is not None:
+                log_prior = log_prior * instruction_gate
         logits = ops.matmul(query, ops.transpose(self.keys)) / (
             self.temperature * math.sqrt(self.key_dim)
         )
@@ -373,8 +384,13 @@ class AtomMemory(keras.layers.Layer):
         routing).
         """
         state = self._pass
+        gate = None
         if instruction is None and state.instructions:
             instruction = state.instructions[-1]
+        elif instruction is None and self.prior is not None:
+            # The model-wide instruction of `keras_qlora.use_instruction`;
+            # its gate is 0 (an exact no-op) when none is set.
+            instruction, gate = self.prior.stored_instruction, self.prior.stored_gate
         state.enter(caller, block)
         z = ops.cast(z, "float32")
         kl_loss = None
@@ -383,7 +399,7 @@ class AtomMemory(keras.layers.Layer):
         else:
             if state.summary is None:
                 state.summary = self.summarize(state.finished_reads)
-            result = self.route(z, block, state.summary, instruction)
+            result = self.route(z, block, state.summary, instruction, gate)
             alpha = state.alpha = result.alpha
             if result.read is not None:
                 state.block_reads.append(result.read)
@@ -391,9 +407,11 @@ class AtomMemory(keras.layers.Layer):
                 kl_loss = self.prior.prior_kl_weight * routing.kl_to_routing(
                     result.log_prior, result.logits
                 )
+                if gate is not None:
+                    kl_loss = kl_loss * gate
         for capture in state.captures:
             capture.append({"block": block, "layer": getattr(caller, "name", None), "alpha": alpha})
-        return routing.mix_atoms(alpha, z, self.atoms), kl_loss
+        return routing.mix_atoms(alpha, z, self.atoms) * self.adapter_gate, kl_loss
 
     def reset_pass(self):
         """Forgets the current thread's pass; the next layer call starts one."""
@@ -430,11 +448,11 @@ class AtomMemory(keras.layers.Layer):
 
     # -- bookkeeping -------------------------------------------------------
 
+    def save_own_variables(self, store):
+        save_weights_only(self, store)
+
     def load_own_variables(self, store):
-        # An empty entry is a checkpoint saved before the adapter existed
-        # (the base model's): the adapter keeps its current values.
-        if len(store.keys()):
-            super().load_own_variables(store)
+        load_weights_only(self, store)
 
     def get_config(self):
         return {

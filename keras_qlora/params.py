@@ -4,11 +4,12 @@ import math
 
 from keras_qlora.layers import QueryableLoRAMixin
 from keras_qlora.memory import AtomMemory
-from keras_qlora.prior import InstructionPrior
+from keras_qlora.prior import InstructionPrior, is_state_variable
 
 
 def _size(weights):
-    return sum(math.prod(w.shape) for w in {id(w): w for w in weights}.values())
+    unique = {id(w): w for w in weights if not is_state_variable(w)}
+    return sum(math.prod(w.shape) for w in unique.values())
 
 
 def _own_weights(layer):

@@ -6,6 +6,57 @@ from keras import ops
 from keras_qlora._validation import check_non_negative, check_positive_int
 
 
+def add_state_variable(layer, name, shape, initializer):
+    """A non-trainable float32 variable holding runtime state, not a weight.
+
+    State variables are left out of saved files and parameter counts; they
+    are variables (not Python attributes) so that compiled functions read
+    their current value.
+    """
+    variable = layer.add_weight(
+        name=name, shape=shape, initializer=initializer, dtype="float32",
+        trainable=False, autocast=False,
+    )
+    variable._keras_qlora_state = True
+    return variable
+
+
+def is_state_variable(variable):
+    return getattr(variable, "_keras_qlora_state", False)
+
+
+def _saved_weights(layer):
+    return [
+        v for v in layer._trainable_variables + layer._non_trainable_variables
+        if not is_state_variable(v)
+    ]
+
+
+def save_weights_only(layer, store):
+    """`Layer.save_own_variables`, leaving the state variables out."""
+    for i, variable in enumerate(_saved_weights(layer)):
+        store[str(i)] = variable
+
+
+def load_weights_only(layer, store):
+    """Loads what `save_weights_only` saved.
+
+    An empty entry is a checkpoint saved before the adapter existed (the
+    base model's): the weights keep their current values.
+    """
+    if not len(store.keys()):
+        return
+    weights = _saved_weights(layer)
+    if len(store.keys()) != len(weights):
+        raise ValueError(
+            f"Layer '{layer.name}' expected {len(weights)} variables, but "
+            f"received {len(store.keys())} during loading. Expected: "
+            f"{[v.name for v in weights]}"
+        )
+    for i, variable in enumerate(weights):
+        variable.assign(store[str(i)])
+
+
 @keras.saving.register_keras_serializable(package="keras_qlora")
 class InstructionPrior(keras.layers.Layer):
     """Turns an instruction embedding into a log-prior over the update atoms.
@@ -99,7 +150,33 @@ class InstructionPrior(keras.layers.Layer):
                 dtype="float32",
                 autocast=False,
             )
+        # The model-wide instruction of `keras_qlora.use_instruction`, as
+        # variables so a compiled `generate` reads the current one.
+        self.stored_instruction = add_state_variable(
+            self, "stored_instruction", (1, self.embedding_dim), "zeros"
+        )
+        self.stored_gate = add_state_variable(self, "stored_gate", (), "zeros")
         self.built = True
+
+    def set_instruction(self, instruction):
+        """Makes `instruction` (`(embedding_dim,)` or `(1, embedding_dim)`)
+        the model-wide instruction; `None` clears it."""
+        if instruction is None:
+            self.stored_gate.assign(0.0)
+            return
+        instruction = ops.convert_to_tensor(instruction, dtype="float32")
+        if len(instruction.shape) == 1:
+            instruction = ops.expand_dims(instruction, 0)
+        if tuple(instruction.shape) != (1, self.embedding_dim):
+            raise ValueError(
+                f"A model-wide instruction must have shape ({self.embedding_dim},) "
+                f"or (1, {self.embedding_dim}); pass per-example instructions "
+                "through `keras_qlora.InstructedModel` or the layers' "
+                f"`instruction=` argument. Received: instruction with shape "
+                f"{tuple(instruction.shape)}"
+            )
+        self.stored_instruction.assign(instruction)
+        self.stored_gate.assign(1.0)
 
     def check_instruction(self, instruction):
         """Raises a `ValueError` unless `instruction` is `(batch, embedding_dim)`."""
@@ -121,11 +198,11 @@ class InstructionPrior(keras.layers.Layer):
             return None
         return ops.matmul(ops.cast(instruction, "float32"), self.query_kernel)
 
+    def save_own_variables(self, store):
+        save_weights_only(self, store)
+
     def load_own_variables(self, store):
-        # An empty entry is a checkpoint saved before the adapter existed
-        # (the base model's): the adapter keeps its current values.
-        if len(store.keys()):
-            super().load_own_variables(store)
+        load_weights_only(self, store)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_atoms)
