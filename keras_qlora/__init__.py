@@ -6,6 +6,7 @@ adapted layers. It is not the quantized "QLoRA" of Dettmers et al.
 """
 
 from keras_qlora.adapter_io import load_adapter, read_adapter, save_adapter
+from keras_qlora.export import calibrate_routing, kernel_update, merge_adapter
 from keras_qlora.factorization import Factorization, factorize_equation
 from keras_qlora.layers import QueryableLoRADense, QueryableLoRAEinsumDense, adapt
 from keras_qlora.memory import AtomMemory, IdentityNoise, OrthogonalAtoms
@@ -26,6 +27,7 @@ __all__ = [
     "QueryableLoRAEinsumDense",
     "__version__",
     "adapt",
+    "calibrate_routing",
     "count_parameters",
     "disable_adapter",
     "embed_instructions",
@@ -33,7 +35,9 @@ __all__ = [
     "find_blocks",
     "find_memory",
     "get_memory",
+    "kernel_update",
     "load_adapter",
+    "merge_adapter",
     "read_adapter",
     "save_adapter",
     "factorize_equation",

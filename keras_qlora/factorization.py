@@ -41,6 +41,17 @@ class Factorization:
         return self.rank * (math.prod(self.a_shape[:-1]) + math.prod(self.b_shape[1:]))
 
     @property
+    def kernel_update_equation(self):
+        """Einsum `A, R, B -> update` with the kernel's axis order."""
+        inp, ker = self.base_equation.split("->")[0].split(",")
+        inp = inp.replace("...", "")
+        contracted = "".join(c for c in ker if c in inp)
+        produced = "".join(c for c in ker if c not in inp)
+        r = _free_letter(set(self.base_equation))
+        q = _free_letter(set(self.base_equation) | {r})
+        return f"{contracted}{r},{r}{q},{q}{produced}->{ker}"
+
+    @property
     def keras_lora_size(self):
         """Parameters of Keras's `enable_lora` at this rank."""
         return self.rank * (math.prod(self.kernel_shape[:-1]) + self.kernel_shape[-1])

@@ -410,7 +410,7 @@ class AtomMemory(keras.layers.Layer):
                 if gate is not None:
                     kl_loss = kl_loss * gate
         for capture in state.captures:
-            capture.append({"block": block, "layer": getattr(caller, "name", None), "alpha": alpha})
+            capture.append({"block": block, "layer": getattr(caller, "name", None), "caller": caller, "alpha": alpha})
         return routing.mix_atoms(alpha, z, self.atoms) * self.adapter_gate, kl_loss
 
     def reset_pass(self):
@@ -436,7 +436,8 @@ class AtomMemory(keras.layers.Layer):
         """Records every routing decision made in this block (this thread).
 
         Yields a list that receives one dict per adapted-layer call:
-        `{"block", "layer", "alpha"}`. Meant for eager inspection (plots of
+        `{"block", "layer", "caller", "alpha"}` (`layer` is the name, `caller`
+        the layer itself). Meant for eager inspection (plots of
         atom usage); under a trace it holds symbolic tensors.
         """
         records = []
