@@ -29,7 +29,6 @@ Writes `benchmarks/results/bench_<backend>[_<tag>].json` and `.md`.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from keras_qlora import version
-from keras_qlora.layers import ADAPTER_KEYS, QueryableLoRAMixin
+from keras_qlora.layers import QueryableLoRAMixin
 from keras_qlora.memory import AtomMemory
 from keras_qlora.prior import is_state_variable
 from keras_qlora.retrofit import enable, find_memory, get_enable_config, get_memory, plan

@@ -10,7 +10,6 @@ to freeze on data the model will see, and the regression study reports
 what the freezing costs.
 """
 
-import keras
 import numpy as np
 from keras import ops
 

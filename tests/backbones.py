@@ -26,3 +26,23 @@ FAMILIES = {
     "bert": (keras_hub.models.BertBackbone, None,
              dict(vocabulary_size=V, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64, max_sequence_length=32, dropout=0.0)),
 }
+
+
+def token_inputs(model, batch=2, length=6, seed=0):
+    """Random token ids for a backbone or a task (with `segment_ids` for BERT)."""
+    import numpy as np
+
+    ids = np.random.default_rng(seed).integers(1, V, size=(batch, length)).astype("int32")
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids, dtype="bool")}
+    backbone = getattr(model, "backbone", model)
+    if "segment_ids" in [i.name for i in backbone.inputs]:
+        x["segment_ids"] = np.zeros_like(ids)
+    return x
+
+
+def hidden(model, x):
+    """A model's output as NumPy (a backbone's `sequence_output` for BERT)."""
+    from keras import ops
+
+    out = model(x)
+    return ops.convert_to_numpy(out["sequence_output"] if isinstance(out, dict) else out)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import keras_qlora
-from backbones import FAMILIES, V
+from backbones import FAMILIES, hidden, token_inputs
 from conftest import randomize_adapters
 from reference import to_numpy
 
@@ -21,19 +21,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _backbone(name="llama", **overrides):
     backbone_cls, _, kwargs = FAMILIES[name]
     return backbone_cls(**{**kwargs, **overrides})
-
-
-def _inputs(backbone, batch=2, length=6, seed=0):
-    ids = np.random.default_rng(seed).integers(1, V, size=(batch, length)).astype("int32")
-    x = {"token_ids": ids, "padding_mask": np.ones_like(ids, dtype="bool")}
-    if "segment_ids" in [i.name for i in backbone.inputs]:
-        x["segment_ids"] = np.zeros_like(ids)
-    return x
-
-
-def _hidden(backbone, x):
-    out = backbone(x)
-    return to_numpy(out["sequence_output"] if isinstance(out, dict) else out)
 
 
 def _twin(backbone, name="llama", **overrides):
@@ -60,20 +47,20 @@ def test_an_adapter_file_recreates_the_adapter_on_a_fresh_base(tmp_path, name):
     fresh = _twin(backbone, name)
     keras_qlora.enable(backbone, rank=4, num_atoms=8, summary="ema", layers_to_transform=[1], lora_alpha=8.0)
     randomize_adapters(backbone, scale=0.5)
-    x = _inputs(backbone)
-    expected = _hidden(backbone, x)
+    x = token_inputs(backbone)
+    expected = hidden(backbone, x)
     path = tmp_path / "adapter.safetensors"
     keras_qlora.save_adapter(backbone, path)
-    assert not np.allclose(_hidden(fresh, x), expected)
+    assert not np.allclose(hidden(fresh, x), expected)
 
     memory = keras_qlora.load_adapter(fresh, path)
     assert memory is keras_qlora.get_memory(fresh) and memory.summary == "ema"
-    np.testing.assert_array_equal(_hidden(fresh, x), expected)
+    np.testing.assert_array_equal(hidden(fresh, x), expected)
     assert not any(w.trainable for w in fresh.weights if "qlora" not in w.path and "memory" not in w.path)
     # Loading again into the enabled backbone replaces the weights in place.
     randomize_adapters(fresh, scale=0.1, seed=3)
     keras_qlora.load_adapter(fresh, path)
-    np.testing.assert_array_equal(_hidden(fresh, x), expected)
+    np.testing.assert_array_equal(hidden(fresh, x), expected)
 
 
 def test_the_file_holds_the_adapter_only_keyed_by_layer_path(tmp_path):
@@ -160,7 +147,7 @@ def _lm(name="llama", prior_dim=None):
 def test_an_enabled_task_round_trips_through_a_keras_file(tmp_path):
     lm = _lm(prior_dim=3)
     lm.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x = _inputs(lm.backbone)
+    x = token_inputs(lm.backbone)
     expected = to_numpy(lm(x))
     lm.save(tmp_path / "lm.keras")
     loaded = keras.saving.load_model(tmp_path / "lm.keras", safe_mode=True)
@@ -183,7 +170,7 @@ lm = t._lm(prior_dim=3)
 lm.backbone.save_weights({base!r})  # base and adapter weights, for the twin
 keras_qlora.save_adapter(lm, {adapter!r})
 lm.save({model!r})
-x = t._inputs(lm.backbone)
+x = t.token_inputs(lm.backbone)
 with keras_qlora.use_instruction(lm, np.array([1.0, -2.0, 0.5], "float32")):
     np.save({out!r}, keras.ops.convert_to_numpy(lm(x)))
 """
@@ -216,13 +203,13 @@ def test_files_written_under_another_backend_load_with_the_same_outputs(tmp_path
     fresh_lm = lm_cls(backbone=fresh, preprocessor=None)
     for model in (loaded, fresh_lm):
         with keras_qlora.use_instruction(model, instruction):
-            np.testing.assert_allclose(to_numpy(model(_inputs(model.backbone))), expected, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(to_numpy(model(token_inputs(model.backbone))), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_disable_adapter_gives_the_base_model_even_in_compiled_functions():
     backbone_cls, lm_cls, kwargs = FAMILIES["llama"]
     lm = lm_cls(backbone=backbone_cls(**kwargs), preprocessor=None)
-    x = _inputs(lm.backbone)
+    x = token_inputs(lm.backbone)
     base = to_numpy(lm.predict(x, verbose=0))
     base_eager = to_numpy(lm(x))
     # The task itself, so that its predict function (traced above) is rebuilt.

@@ -1,11 +1,10 @@
 """Freezing the routing and folding the adapter into the kernels."""
 
-import keras
 import numpy as np
 import pytest
 
 import keras_qlora
-from backbones import FAMILIES, V
+from backbones import FAMILIES, hidden, token_inputs
 from conftest import randomize_adapters
 from reference import to_numpy
 
@@ -19,40 +18,26 @@ def _task(name, num_atoms):
     return model
 
 
-def _inputs(model, seed=0):
-    ids = np.random.default_rng(seed).integers(1, V, size=(2, 6)).astype("int32")
-    x = {"token_ids": ids, "padding_mask": np.ones_like(ids, dtype="bool")}
-    backbone = getattr(model, "backbone", model)
-    if "segment_ids" in [i.name for i in backbone.inputs]:
-        x["segment_ids"] = np.zeros_like(ids)
-    return x
-
-
-def _out(model, x):
-    out = model(x)
-    return to_numpy(out["sequence_output"] if isinstance(out, dict) else out)
-
-
 @pytest.mark.parametrize("name", ["llama", "gemma", "gpt2", "bert"])
 def test_with_one_atom_the_merged_model_equals_the_adapted_one(name):
     # One atom: the routing is constant, so folding it away is exact.
     model = _task(name, num_atoms=1)
-    x = _inputs(model)
-    adapted = _out(model, x)
+    x = token_inputs(model)
+    adapted = hidden(model, x)
     weights_before = [to_numpy(w) for w in model.weights]
     merged = keras_qlora.merge_adapter(model, np.ones(1, "float32"))
-    np.testing.assert_allclose(_out(merged, x), adapted, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(hidden(merged, x), adapted, rtol=1e-4, atol=1e-5)
     assert not any(isinstance(l, keras_qlora.layers.QueryableLoRAMixin) for l in merged._flatten_layers())
     assert type(merged).__name__ == type(model).__name__ and keras_qlora.get_memory(getattr(merged, "backbone", merged)) is None
     for w, before in zip(model.weights, weights_before):  # the adapted model is untouched
         np.testing.assert_array_equal(to_numpy(w), before)
     with keras_qlora.disable_adapter(model):
-        assert not np.allclose(_out(model, x), adapted)
+        assert not np.allclose(hidden(model, x), adapted)
 
 
 def test_calibrated_routing_is_the_masked_mean_of_the_routing_weights():
     model = _task("llama", num_atoms=8)
-    x = _inputs(model)
+    x = token_inputs(model)
     x["padding_mask"][1, 4:] = False
     memory = keras_qlora.get_memory(model.backbone)
     with memory.capture_routing() as records:
@@ -67,9 +52,9 @@ def test_calibrated_routing_is_the_masked_mean_of_the_routing_weights():
         assert abs(means[record["caller"]].sum() - 1) < 1e-5
     merged = keras_qlora.merge_adapter(model, means)
     # A frozen routing approximates the routed model: closer to it than the base.
-    adapted, frozen = _out(model, x), _out(merged, x)
+    adapted, frozen = hidden(model, x), hidden(merged, x)
     with keras_qlora.disable_adapter(model):
-        base = _out(model, x)
+        base = hidden(model, x)
     assert np.abs(frozen - adapted).mean() < np.abs(base - adapted).mean()
 
 
