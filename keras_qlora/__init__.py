@@ -6,6 +6,7 @@ adapted layers. It is not the quantized "QLoRA" of Dettmers et al.
 """
 
 from keras_qlora.adapter_io import load_adapter, read_adapter, save_adapter
+from keras_qlora.distribution import layout_map
 from keras_qlora.export import calibrate_routing, kernel_update, merge_adapter
 from keras_qlora.factorization import Factorization, factorize_equation
 from keras_qlora.layers import QueryableLoRADense, QueryableLoRAEinsumDense, adapt
@@ -36,6 +37,7 @@ __all__ = [
     "find_memory",
     "get_memory",
     "kernel_update",
+    "layout_map",
     "load_adapter",
     "merge_adapter",
     "read_adapter",

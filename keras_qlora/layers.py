@@ -12,10 +12,17 @@ an already-built Keras layer with `adapt(layer, memory)`: the adapter weights
 are added to the existing layer and its class is swapped for the adapted one
 (the technique of `torch.nn.utils.parametrize`), so the base weights keep
 their objects and variable paths.
+
+A base quantized by Keras (`"int8"`, `"int4"`; before or after adapting,
+through `layer.quantize` or `model.quantize`) keeps its own quantized call
+for `f(x)`: at `B = 0` the layer returns the quantized base output exactly,
+while `A`, `B` and the memory stay float32 and train.
 """
 
 import inspect
 import math
+import threading
+import types
 import warnings
 
 import keras
@@ -27,6 +34,29 @@ from keras_qlora.factorization import factorize_layer
 from keras_qlora.memory import AtomMemory
 
 ADAPTER_KEYS = ("qlora_a", "qlora_b")
+# Keras's quantized calls whose frozen base output the adapter can add to.
+# float8 trains its own scales and gptq/awq calibrate the kernel against the
+# inputs, which an adapter trained beside the base would invalidate.
+QUANTIZATION_MODES = ("int8", "int4")
+
+
+def _check_quantization_mode(layer, mode):
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(
+            f"Layer '{layer.name}' carries a Queryable LoRA adapter; its base "
+            f"can be quantized with the modes {list(QUANTIZATION_MODES)} only. "
+            f"Received: mode={mode!r}"
+        )
+
+
+class _InBaseCall(threading.local):
+    """Ids of the adapted layers running their base class's call in this thread."""
+
+    def __init__(self):
+        self.layers = set()
+
+
+_IN_BASE_CALL = _InBaseCall()
 
 
 def _check_adapter_args(memory, rank, block, lora_alpha, rslora):
@@ -48,6 +78,20 @@ def _check_adapter_args(memory, rank, block, lora_alpha, rslora):
         raise ValueError(f"`rslora` must be a bool. Received: rslora={rslora!r}")
 
 
+def _initializer(name, value):
+    try:
+        initializer = keras.initializers.get(value)
+    except (ValueError, TypeError):
+        initializer = None
+    if not callable(initializer):
+        # `get` instantiates any class it is given, `object` included.
+        raise ValueError(
+            f"`{name}` must be a Keras initializer, its name or its config. "
+            f"Received: {name}={value!r}"
+        )
+    return initializer
+
+
 class QueryableLoRAMixin:
     """The adapter shared by every adapted layer class."""
 
@@ -57,8 +101,8 @@ class QueryableLoRAMixin:
         self.block = block
         self.lora_alpha = float(self.rank if lora_alpha is None else lora_alpha)
         self.rslora = rslora
-        self.a_initializer = keras.initializers.get(a_initializer)
-        self.b_initializer = keras.initializers.get(b_initializer)
+        self.a_initializer = _initializer("a_initializer", a_initializer)
+        self.b_initializer = _initializer("b_initializer", b_initializer)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -87,39 +131,76 @@ class QueryableLoRAMixin:
             if weight is not None:
                 weight.trainable = False
 
-    def _has_linear_activation(self):
-        return self.activation in (None, keras.activations.linear)
+    @property
+    def activation(self):
+        # Hidden from the base class's own call (float or quantized), which
+        # then returns the pre-activation output; the update is added to
+        # that, and the activation applied last. The value lives in the
+        # instance dict, where `Dense.__init__` put it before `adapt`.
+        if id(self) in _IN_BASE_CALL.layers:
+            return None
+        return self.__dict__.get("activation")
+
+    @activation.setter
+    def activation(self, value):
+        self.__dict__["activation"] = value
 
     def call(self, inputs, instruction=None, training=None):
-        if self._has_linear_activation():
-            # The base class's own call keeps its quantized kernels working.
-            outputs = super().call(inputs, training=training)
-        else:
-            # The same op the base class uses, so a zero update is exact.
-            if isinstance(self, keras.layers.EinsumDense):
-                outputs = ops.einsum(self.equation, inputs, self.kernel)
-            else:
-                outputs = ops.matmul(inputs, self.kernel)
-            if self.bias is not None:
-                outputs = outputs + self.bias
+        return self._adapted_call(super().call, inputs, instruction, training)
+
+    def quantized_call(self, inputs, instruction=None, training=None):
+        # Keras calls this instead of `call` once the layer is quantized.
+        _check_quantization_mode(self, self.quantization_mode)
+        return self._adapted_call(super().quantized_call, inputs, instruction, training)
+
+    def _adapted_call(self, base_call, inputs, instruction, training):
+        # The base output comes from the base class's own call, so a zero
+        # update is exact in every mode, quantized ones included.
+        _IN_BASE_CALL.layers.add(id(self))
+        try:
+            outputs = base_call(inputs, training=training)
+        finally:
+            _IN_BASE_CALL.layers.discard(id(self))
         outputs = outputs + self.adapter_delta(inputs, instruction)
-        if not self._has_linear_activation():
+        if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the frozen base kernel (`"int8"` or `"int4"`); `A`, `B`
+        and the memory stay float32 and keep training."""
+        _check_quantization_mode(self, mode)
+        # Keras refuses subclasses (`type_check`) because they may compute
+        # the output otherwise; this one calls the base class's own
+        # quantized call.
+        super().quantize(mode, type_check=False, config=config)
+
+    def _flatten_layers(self, include_self=True, recursive=True):
+        # The shared memory is tracked here so that a model built from the
+        # layers finds its weights, but it is no part of this layer: leaving
+        # it out makes the layer a leaf again, the only layers that
+        # `Model.quantize` quantizes.
+        shared = {id(l) for l in self.memory._flatten_layers()}
+        return [l for l in super()._flatten_layers(include_self, recursive) if id(l) not in shared]
 
     def adapter_delta(self, inputs, instruction=None):
         """The routed update `s (R z) B`, in the layer's compute dtype."""
         # Float32 adapter weights meet the compute dtype here: autocasting
         # only happens under mixed policies, not under e.g. "bfloat16".
-        dtype = self.compute_dtype
-        z = ops.einsum(self.factorization.down_equation, inputs, ops.cast(self.qlora_a, dtype))
+        # Under float16 the adapter runs in float32: `x A` of unnormalized
+        # activations overflows float16's range easily, and TensorFlow 2.21
+        # on CPU returns wrong values for a float16 einsum like "...i,ir->...r".
+        dtype = "float32" if self.compute_dtype == "float16" else self.compute_dtype
+        z = ops.einsum(
+            self.factorization.down_equation, ops.cast(inputs, dtype), ops.cast(self.qlora_a, dtype)
+        )
         routed, kl_loss = self.memory.routed_update(z, self.block, self, instruction)
         if kl_loss is not None:
             self.add_loss(kl_loss)
         delta = ops.einsum(
             self.factorization.up_equation, ops.cast(routed, dtype), ops.cast(self.qlora_b, dtype)
         )
-        return delta * ops.cast(self.lora_scale, dtype)
+        return ops.cast(delta * ops.cast(self.lora_scale, dtype), self.compute_dtype)
 
     def enable_lora(self, *args, **kwargs):
         raise ValueError(
@@ -287,26 +368,8 @@ for _cls in (keras.layers.Dense, keras.layers.EinsumDense):
     _in_place_class(_cls)
 
 
-def adapt(layer, memory, block=0, rank=None, lora_alpha=None, rslora=False,
-          a_initializer="he_uniform", b_initializer="zeros"):
-    """Adds a Queryable LoRA adapter to a built `Dense` or `EinsumDense`, in place.
-
-    The layer keeps its kernel and bias objects (and their variable paths),
-    which are frozen; `A` and `B` are added beside them and the layer's class
-    becomes the adapted one (`QueryableLoRADense` for a `Dense`,
-    `QueryableLoRAEinsumDense` for an `EinsumDense`). Nothing is changed if
-    an argument is rejected.
-
-    Args:
-        layer: a built `keras.layers.Dense` or `keras.layers.EinsumDense`.
-        memory: `keras_qlora.AtomMemory`. The shared memory.
-        block: int. The layer's block index. Defaults to `0`.
-        rank, lora_alpha, rslora, a_initializer, b_initializer: as in
-            `QueryableLoRADense`.
-
-    Returns:
-        The same `layer` object.
-    """
+def check_adaptable(layer):
+    """Raises unless `adapt` can take `layer` over; changes nothing."""
     if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
         raise TypeError(
             "`layer` must be a `keras.layers.Dense` or `keras.layers.EinsumDense`. "
@@ -327,10 +390,36 @@ def adapt(layer, memory, block=0, rank=None, lora_alpha=None, rslora=False,
             f"Layer '{layer.name}' has Keras's own LoRA enabled; it cannot also "
             f"carry a Queryable LoRA adapter. Received: layer={layer!r}"
         )
+    if layer.quantization_mode is not None:
+        _check_quantization_mode(layer, layer.quantization_mode)
+
+
+def adapt(layer, memory, block=0, rank=None, lora_alpha=None, rslora=False,
+          a_initializer="he_uniform", b_initializer="zeros"):
+    """Adds a Queryable LoRA adapter to a built `Dense` or `EinsumDense`, in place.
+
+    The layer keeps its kernel and bias objects (and their variable paths),
+    which are frozen; `A` and `B` are added beside them and the layer's class
+    becomes the adapted one (`QueryableLoRADense` for a `Dense`,
+    `QueryableLoRAEinsumDense` for an `EinsumDense`). Nothing is changed if
+    an argument is rejected.
+
+    Args:
+        layer: a built `keras.layers.Dense` or `keras.layers.EinsumDense`,
+            float or quantized by Keras (`"int8"` or `"int4"`).
+        memory: `keras_qlora.AtomMemory`. The shared memory.
+        block: int. The layer's block index. Defaults to `0`.
+        rank, lora_alpha, rslora, a_initializer, b_initializer: as in
+            `QueryableLoRADense`.
+
+    Returns:
+        The same `layer` object.
+    """
+    check_adaptable(layer)
     _check_adapter_args(memory, rank, block, lora_alpha, rslora)
     factorization = factorize_layer(layer, memory.rank)
-    a_initializer = keras.initializers.get(a_initializer)
-    b_initializer = keras.initializers.get(b_initializer)
+    a_initializer = _initializer("a_initializer", a_initializer)
+    b_initializer = _initializer("b_initializer", b_initializer)
 
     layer._tracker.unlock()
     try:
@@ -344,4 +433,20 @@ def adapt(layer, memory, block=0, rank=None, lora_alpha=None, rslora=False,
     # Keras reads the call signature once, at construction.
     layer._call_signature = inspect.signature(layer.call)
     layer.call_signature_parameters = list(layer._call_signature.parameters)
+    _rebind_quantize(layer)
     return layer
+
+
+def _rebind_quantize(layer):
+    """Points Keras's per-instance `quantize` wrapper at the adapted class.
+
+    `Layer.__new__` wraps the `quantize` method the layer had when it was
+    made (config resolution, argument checks, tracker unlock) and stores the
+    wrapper on the instance, so after the class swap it would still call
+    `Dense.quantize`, which refuses subclasses.
+    """
+    wrapper = layer.__dict__.get("quantize")
+    names = getattr(getattr(wrapper, "__code__", None), "co_freevars", ())
+    if "original_quantize_method" in names:
+        cell = wrapper.__closure__[names.index("original_quantize_method")]
+        cell.cell_contents = types.MethodType(type(layer).quantize, layer)

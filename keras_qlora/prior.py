@@ -164,7 +164,14 @@ class InstructionPrior(keras.layers.Layer):
         if instruction is None:
             self.stored_gate.assign(0.0)
             return
-        instruction = ops.convert_to_tensor(instruction, dtype="float32")
+        try:
+            instruction = ops.convert_to_tensor(instruction, dtype="float32")
+        except (ValueError, TypeError):
+            raise ValueError(
+                "`instruction` must be an embedding (an array of floats), not "
+                "text; embed text with `keras_qlora.embed_instructions`. "
+                f"Received: instruction={instruction!r}"
+            ) from None
         if len(instruction.shape) == 1:
             instruction = ops.expand_dims(instruction, 0)
         if tuple(instruction.shape) != (1, self.embedding_dim):

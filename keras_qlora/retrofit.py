@@ -8,7 +8,7 @@ import keras
 
 from keras_qlora._validation import check_positive_int
 from keras_qlora.factorization import factorize_layer
-from keras_qlora.layers import QueryableLoRAMixin, _check_adapter_args, adapt
+from keras_qlora.layers import QueryableLoRAMixin, _check_adapter_args, adapt, check_adaptable
 from keras_qlora.memory import AtomMemory
 
 DEFAULT_TARGETS = ("query_dense", "value_dense", "query", "value")
@@ -59,15 +59,19 @@ def _targets(block, target_layer_names, exclude):
     return found
 
 
+def _is_name_list(value):
+    return isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value)
+
+
 def _check_enable_args(backbone, blocks, block_size, target_layer_names, exclude, layers_to_transform):
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"`block_size` must be a positive integer. Received: block_size={block_size!r}")
-    if isinstance(target_layer_names, str) or not all(isinstance(n, str) for n in target_layer_names):
+    if not _is_name_list(target_layer_names):
         raise ValueError(
             "`target_layer_names` must be a list of layer names. "
             f"Received: target_layer_names={target_layer_names!r}"
         )
-    if not all(isinstance(n, str) for n in exclude):
+    if not (isinstance(exclude, str) or _is_name_list(exclude)):
         raise ValueError(f"`exclude` must be a list of layer names. Received: exclude={exclude!r}")
     indices = range(len(blocks)) if layers_to_transform is None else layers_to_transform
     bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(blocks)]
@@ -91,14 +95,15 @@ def plan(backbone, rank, block_size=1, target_layer_names=None, exclude=(), laye
         raise ValueError(f"`backbone` must be built before `enable`. Received: backbone={backbone.name!r}")
     check_positive_int("rank", rank)
     blocks = find_blocks(backbone)
-    target_layer_names = tuple(DEFAULT_TARGETS if target_layer_names is None else target_layer_names)
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    if target_layer_names is None:
+        target_layer_names = DEFAULT_TARGETS
     indices = _check_enable_args(backbone, blocks, block_size, target_layer_names, exclude, layers_to_transform)
+    target_layer_names = tuple(target_layer_names)
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     found = []
     for index in indices:
         for layer in _targets(blocks[index], target_layer_names, exclude):
-            if isinstance(layer, QueryableLoRAMixin):
-                raise ValueError(f"Layer '{layer.name}' is already adapted. Received: backbone={backbone.name!r}")
+            check_adaptable(layer)
             # Raises on kernels that cannot be factorized.
             found.append((layer, index // block_size, factorize_layer(layer, rank)))
     if not found:
@@ -188,9 +193,9 @@ def enable(
             "`enable` sets the memory's `num_blocks` and `name` itself. Received: "
             f"{ {k: memory_kwargs[k] for k in ('num_blocks', 'name') if k in memory_kwargs} }"
         )
+    found = plan(backbone, rank, block_size, target_layer_names, exclude, layers_to_transform)
     target_layer_names = list(DEFAULT_TARGETS if target_layer_names is None else target_layer_names)
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
-    found = plan(backbone, rank, block_size, target_layer_names, exclude, layers_to_transform)
     memory = AtomMemory(
         num_atoms=num_atoms,
         rank=rank,

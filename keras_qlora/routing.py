@@ -31,9 +31,12 @@ def top_k_softmax(logits, k):
         return ops.ones_like(logits)
     if k >= logits.shape[-1]:
         return ops.softmax(logits, axis=-1)
-    kth_value = ops.top_k(logits, k, sorted=True)[0][..., k - 1 : k]
-    kept = ops.greater_equal(logits, kth_value)
-    return ops.softmax(ops.where(kept, logits, _MASKED_LOGIT), axis=-1)
+    top = ops.top_k(logits, k, sorted=True)[0]
+    kept = ops.greater_equal(logits, top[..., k - 1 : k])
+    # Shifted so the best logit is 0: the finite mask then stays below every
+    # kept logit that carries weight, however negative the logits are.
+    shifted = logits - ops.stop_gradient(top[..., :1])
+    return ops.softmax(ops.where(kept, shifted, _MASKED_LOGIT), axis=-1)
 
 
 def mix_atoms(alpha, z, atoms):
