@@ -74,6 +74,11 @@ def _check_enable_args(backbone, blocks, block_size, target_layer_names, exclude
     if not (isinstance(exclude, str) or _is_name_list(exclude)):
         raise ValueError(f"`exclude` must be a list of layer names. Received: exclude={exclude!r}")
     indices = range(len(blocks)) if layers_to_transform is None else layers_to_transform
+    if not isinstance(indices, (range, list, tuple)):
+        raise ValueError(
+            f"`layers_to_transform` must be a list of block indices or None. "
+            f"Received: layers_to_transform={layers_to_transform!r}"
+        )
     bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(blocks)]
     if bad or not indices:
         raise ValueError(

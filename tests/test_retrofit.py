@@ -155,6 +155,7 @@ def _snapshot(backbone):
         ({"target_layer_names": ["nothing"]}, "Layer names in block 0"),
         ({"target_layer_names": ["query"], "exclude": ["query"]}, "exclude=\\['query'\\]"),
         ({"layers_to_transform": [5]}, "layers_to_transform=\\[5\\]"),
+        ({"layers_to_transform": 1}, "layers_to_transform=1"),
         ({"block_size": 0}, "block_size=0"),
         ({"rank": 0}, "rank=0"),
         ({"top_k": 9}, "top_k=9"),
