@@ -14,7 +14,8 @@ Arms, each a separately built model with the same base weights:
 
 Figures: training step (`train_on_batch`), forward (`predict_on_batch`),
 cached greedy generation (new tokens per second), and peak resident memory
-of a training run (each arm in its own subprocess, so peaks do not mix).
+of steady-state training steps (each arm in its own subprocess, peak mark
+reset after the first step, so imports and compilation do not count).
 Execution: TensorFlow with XLA, JAX with jit, PyTorch eager (`jit_compile`
 follows the backend).
 
@@ -114,20 +115,33 @@ def _sync(out):
 
 
 def peak_memory_mb(args, model_name, arm):
-    """Peak RSS of a short training run of one arm, in its own process."""
+    """Peak resident memory of steady-state training steps of one arm, in MB.
+
+    Each arm runs in its own process. After the model is built and one step
+    has run (and compiled), the process's peak-RSS mark is reset
+    (`/proc/self/clear_refs`, Linux), so the figure is the peak of three
+    further steps, not of the library imports or the compilation.
+    """
     code = (
         "import sys; sys.argv=['bench']; sys.path.insert(0, %r)\n"
         "import bench\n"
         "lm = bench.build(%r, %r, %d, %d, %d)\n"
         "x, y = bench.batch(lm, %d, %d)\n"
+        "step = (lambda: lm.train_on_batch(x, y)) if lm.trainable_weights else (lambda: lm.predict_on_batch(x))\n"
+        "bench._sync(step())\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "rss = [l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]\n"
         "for _ in range(3):\n"
-        "    lm.train_on_batch(x, y) if lm.trainable_weights else lm.predict_on_batch(x)\n"
+        "    bench._sync(step())\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+        "print('VMHWM_KB', hwm, rss)\n"
     ) % (HERE, model_name, arm, args.rank, args.num_atoms, args.top_k, args.batch, args.seq)
-    process = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ))
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True)
+    lines = [l for l in result.stdout.splitlines() if l.startswith("VMHWM_KB")]
+    if result.returncode != 0 or not lines:
         return None
-    return usage.ru_maxrss / 1024.0  # KiB on Linux
+    peak, before = (int(v) / 1024.0 for v in lines[-1].split()[1:3])
+    return {"peak": peak, "growth": peak - before}
 
 
 def run_model(args, model_name, num_atoms=None, rank=None, seq=None, top_k=None):
@@ -171,7 +185,7 @@ def ratios(result):
         out["generate_vs_base"] = g["qlora"] / g["base"]
     if result.get("peak_rss_mb") and all(result["peak_rss_mb"].values()):
         m = result["peak_rss_mb"]
-        out["memory_vs_enable_lora"] = m["qlora"] / m["enable_lora"]
+        out["memory_vs_enable_lora"] = m["qlora"]["peak"] / m["enable_lora"]["peak"]
     return out
 
 
@@ -179,7 +193,7 @@ def markdown(results, command):
     lines = [
         f"Backend: `{BACKEND}` ({'XLA/jit' if JIT else 'eager'}). Command: `{command}`",
         "",
-        "| model | rank | M | k | batch×seq | train s/step (LoRA → QLoRA) | ×LoRA | predict ×base | generate tok/s (base → QLoRA) | ×base | peak MB (LoRA → QLoRA) |",
+        "| model | rank | M | k | batch×seq | train s/step (LoRA → QLoRA) | ×LoRA | predict ×base | generate tok/s (base → QLoRA) | ×base | peak RSS MB (+ growth in the steps), LoRA → QLoRA |",
         "|---|---:|---:|---:|---|---|---:|---:|---|---:|---|",
     ]
     for r in results:
@@ -191,7 +205,11 @@ def markdown(results, command):
             f"{r['train_s']['enable_lora']:.4f} → {r['train_s']['qlora']:.4f} | {q['train_vs_enable_lora']:.2f} | "
             f"{q['predict_vs_base']:.2f} | "
             + (f"{gen['base']:.1f} → {gen['qlora']:.1f} | {q['generate_vs_base']:.2f} | " if gen else "– | – | ")
-            + (f"{mem.get('enable_lora') or 0:.0f} → {mem.get('qlora') or 0:.0f} |" if mem else "– |")
+            + (
+                f"{mem['enable_lora']['peak']:.0f} (+{mem['enable_lora']['growth']:.0f}) → "
+                f"{mem['qlora']['peak']:.0f} (+{mem['qlora']['growth']:.0f}) |"
+                if mem.get("enable_lora") and mem.get("qlora") else "– |"
+            )
         )
     return "\n".join(lines) + "\n"
 
