@@ -13,7 +13,7 @@ import pytest
 import keras
 
 import keras_qlora
-from backbones import FAMILIES, V
+from backbones import FAMILIES
 from reference import to_numpy
 
 # -- subjects: the user's objects a bad call must leave alone -------------

@@ -15,7 +15,6 @@ import sys
 import keras
 import pytest
 
-import keras_qlora
 from keras_qlora.distribution import layout_map
 
 HERE = os.path.dirname(os.path.abspath(__file__))

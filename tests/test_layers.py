@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import keras
-from keras import ops
 
 import keras_qlora
 from keras_qlora.prior import is_state_variable

@@ -4,7 +4,6 @@ instruction prior (METHOD.md section 4, properties 3, 4 and 9)."""
 import numpy as np
 import pytest
 import keras
-from keras import ops
 
 import keras_qlora
 from conftest import adapted_layers, mlp, randomize_adapters

@@ -12,7 +12,7 @@ import pytest
 import keras
 
 import keras_qlora
-from conftest import adapted_layers, mlp, randomize_adapters
+from conftest import adapted_layers, randomize_adapters
 from reference import to_numpy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
