@@ -17,11 +17,27 @@ $(VENV)/.installed: requirements.txt requirements-weights.txt
 	touch $@
 
 # The whole suite once per backend, each in its own process; fails if any fails.
+# The backends run side by side (XLA and JAX compile on one core each) and
+# each one's output is printed whole when it ends; `make test PARALLEL=0`
+# runs them one after another.
+PARALLEL ?= 1
 test: venv
-	@status=0; for backend in $(BACKENDS); do \
-		echo "=== KERAS_BACKEND=$$backend"; \
-		KERAS_BACKEND=$$backend $(RUN) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests || status=1; \
-	done; exit $$status
+	@if [ "$(PARALLEL)" = "0" ]; then \
+		status=0; for backend in $(BACKENDS); do \
+			echo "=== KERAS_BACKEND=$$backend"; \
+			KERAS_BACKEND=$$backend $(RUN) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests || status=1; \
+		done; exit $$status; \
+	fi; \
+	logs=$$(mktemp -d); pids=""; \
+	for backend in $(BACKENDS); do \
+		( KERAS_BACKEND=$$backend $(RUN) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests \
+			> $$logs/$$backend.log 2>&1; echo $$? > $$logs/$$backend.rc ) & pids="$$pids $$!"; \
+	done; \
+	wait $$pids; status=0; \
+	for backend in $(BACKENDS); do \
+		echo "=== KERAS_BACKEND=$$backend"; cat $$logs/$$backend.log; \
+		[ "$$(cat $$logs/$$backend.rc)" = "0" ] || { echo "=== KERAS_BACKEND=$$backend FAILED"; status=1; }; \
+	done; rm -rf $$logs; exit $$status
 
 # The main demo on embedded defaults (JAX unless KERAS_BACKEND says otherwise).
 demo: venv

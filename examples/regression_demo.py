@@ -3,12 +3,13 @@
 #
 # A small Keras MLP is pretrained on a base function `f0`. With every base
 # weight frozen, it is then adapted to a new target, `f0(x) + c(x) + noise`,
-# by seven parameter-efficient arms at matched trainable parameters:
+# by eight parameter-efficient arms at matched trainable parameters:
 #
 # | arm | what it is |
 # |---|---|
 # | LoRA (Keras) | Keras's own `Dense.enable_lora(rank)`, scale `alpha / r = 1` |
 # | rsLoRA (Keras) | the same layers with `lora_alpha = r * sqrt(r)`, so Keras's scale `lora_alpha / r` is rsLoRA's `alpha / sqrt(r)` with `alpha = r` |
+# | LoRA + instruction input | Keras's LoRA, and the instruction embedding added to the first hidden layer's output through a trainable rank-2 map (zero at the start): plain LoRA told the regime, the fair baseline for the prior arms |
 # | Static mixer (M=1) | `keras_qlora` with one atom: a static LoRA with an `r x r` mixer, no routing |
 # | QLoRA, no summary | Queryable LoRA with `summary="none"` (routing per block, no memory of earlier blocks) |
 # | QLoRA | Queryable LoRA with its default attention summary over depth |
@@ -33,7 +34,7 @@
 #
 # **Parameters are matched from above.** The Queryable LoRA arms share one
 # rank and atom count; the largest of them (the prior arms) sets the budget.
-# LoRA, rsLoRA and the static mixer each get the smallest rank whose
+# LoRA, rsLoRA, LoRA + instruction input and the static mixer each get the smallest rank whose
 # trainable count, counted from the built model, reaches that budget. So no
 # baseline has fewer trainable parameters than any Queryable LoRA arm.
 #
@@ -97,9 +98,12 @@ QLORA_NONE = "QLoRA, no summary"
 QLORA = "QLoRA"
 QLORA_PRIOR = "QLoRA + prior"
 QLORA_SHUFFLED = "QLoRA + shuffled prior"
-ARMS = (LORA, RSLORA, STATIC, QLORA_NONE, QLORA, QLORA_PRIOR, QLORA_SHUFFLED)
+LORA_INSTRUCTED = "LoRA + instruction input"
+ARMS = (LORA, RSLORA, LORA_INSTRUCTED, STATIC, QLORA_NONE, QLORA, QLORA_PRIOR, QLORA_SHUFFLED)
+KERAS_LORA_ARMS = (LORA, RSLORA, LORA_INSTRUCTED)
 QLORA_ARMS = (QLORA_NONE, QLORA, QLORA_PRIOR, QLORA_SHUFFLED)
 PRIOR_ARMS = (QLORA_PRIOR, QLORA_SHUFFLED)
+INSTRUCTED_ARMS = (LORA_INSTRUCTED, *PRIOR_ARMS)  # the arms whose inputs carry the instruction
 TASKS = ("regimes", "null")
 NUM_REGIMES = 4  # sign patterns of two fixed projections of x
 
@@ -136,6 +140,8 @@ DEFAULT_CONFIG = {
     "key_dim": 16,
     "summary_dim": 16,
     "prior_strength": 1.0,
+    # LoRA + instruction input: the rank of its instruction -> hidden map
+    "instruction_rank": 2,
     # stability
     "spike_window": 16,
     "spike_factor": 1.5,
@@ -285,7 +291,10 @@ def build_mlp(config):
 def dense_layers(model):
     """The Dense layers of `model` (or of the model an `InstructedModel` wraps), in depth order."""
     model = getattr(model, "model", model)
-    return [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    return [
+        layer for layer in model.layers
+        if isinstance(layer, keras.layers.Dense) and not layer.name.startswith("instruction_")
+    ]
 
 
 def pretrain(data, config):
@@ -349,12 +358,25 @@ def build_arm(arm, pretrained, config, rank=None):
     model.set_weights(pretrained.get_weights())
     layers = dense_layers(model)
     rank = rank or config["qlora_rank"]
-    if arm in (LORA, RSLORA):
+    if arm in KERAS_LORA_ARMS:
         for layer in layers:
             # Keras's scale is lora_alpha / rank: alpha = r * sqrt(r) gives
             # rsLoRA's alpha' / sqrt(r) with alpha' = r.
             layer.enable_lora(rank, lora_alpha=rank * math.sqrt(rank) if arm == RSLORA else rank)
             layer.bias.trainable = False  # enable_lora leaves it trainable
+        if arm == LORA_INSTRUCTED:
+            # The same layers, called again in a graph with a second input:
+            # h_1 = dense_0(x) + (e W_down) W_up, with W_up zero at the start.
+            x = keras.Input((config["input_dim"],), name="x")
+            e = keras.Input((config["embedding_dim"],), name="instruction")
+            shift = keras.layers.Dense(config["instruction_rank"], use_bias=False, name="instruction_down")(e)
+            shift = keras.layers.Dense(
+                config["hidden_units"], use_bias=False, kernel_initializer="zeros", name="instruction_up"
+            )(shift)
+            h = keras.layers.Add(name="instructed")([layers[0](x), shift])
+            for layer in layers[1:]:
+                h = layer(h)
+            model = keras.Model({"x": x, "instruction": e}, h, name="mlp_instructed")
         info = {"rank": rank, "num_atoms": None, "top_k": None}
         return model, None, {**info, "trainable_params": num_params(model.trainable_weights)}
     if arm not in ARMS:
@@ -389,6 +411,8 @@ def expected_params(arm, pretrained, config, rank):
     adapters = rank * sum(layer.kernel.shape[0] + layer.kernel.shape[1] for layer in layers)
     if arm in (LORA, RSLORA):
         return adapters
+    if arm == LORA_INSTRUCTED:
+        return adapters + config["instruction_rank"] * (config["embedding_dim"] + config["hidden_units"])
     atoms = 1 if arm == STATIC else config["num_atoms"]
     key, summary = config["key_dim"], config["summary_dim"]
     memory = atoms * rank**2 + atoms * key + (rank + summary) * key + len(layers) * key + summary
@@ -407,7 +431,7 @@ def match_ranks(pretrained, config):
     """
     budget = max(expected_params(arm, pretrained, config, config["qlora_rank"]) for arm in QLORA_ARMS)
     ranks = {arm: config["qlora_rank"] for arm in QLORA_ARMS}
-    for arm in (LORA, RSLORA, STATIC):
+    for arm in (*KERAS_LORA_ARMS, STATIC):
         # The count grows with the rank: bisect between 1 and a rank whose
         # adapters alone reach the budget.
         low, high = 1, math.ceil(budget / expected_params(LORA, pretrained, config, 1))
@@ -472,13 +496,13 @@ def spikes(losses, factor):
 
 
 def arm_inputs(arm, data, split, seed):
-    """The model inputs of `split` for `arm`: `x`, plus instructions for prior arms.
+    """The model inputs of `split` for `arm`: `x`, plus instructions for the instructed arms.
 
     The instruction of an example is the embedding of its regime's text; the
     shuffled control permutes those rows across the examples of the split.
     """
     inputs = {"x": data[f"x_{split}"]}
-    if arm in PRIOR_ARMS:
+    if arm in INSTRUCTED_ARMS:
         regimes = data[f"regime_{split}"]
         if arm == QLORA_SHUFFLED:
             regimes = np.random.default_rng([seed, len(regimes)]).permutation(regimes)

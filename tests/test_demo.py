@@ -83,7 +83,7 @@ def test_parameters_matched_from_above(demo, smoke):
     ranks = {arm: arms[arm]["runs"][0]["rank"] for arm in demo.ARMS}
     assert budget == max(counts[arm] for arm in demo.QLORA_ARMS) == counts[demo.QLORA_PRIOR]
     assert len({ranks[arm] for arm in demo.QLORA_ARMS}) == 1
-    for arm in (demo.LORA, demo.RSLORA, demo.STATIC):
+    for arm in (*demo.KERAS_LORA_ARMS, demo.STATIC):
         # At least the budget, and the smallest rank that gets there.
         assert counts[arm] >= budget, arm
         assert demo.expected_params(arm, pretrained, config, ranks[arm] - 1) < budget, arm
@@ -130,7 +130,7 @@ def test_routing_recorded_per_block_and_regime(demo, smoke):
     blocks = results["config"]["hidden_layers"] + 1
     for arm, entry in results["tasks"]["regimes"]["arms"].items():
         routing = entry["runs"][0]["routing"]
-        if arm in (demo.LORA, demo.RSLORA):
+        if arm in demo.KERAS_LORA_ARMS:
             assert routing is None
             continue
         assert len(routing) == blocks, arm
@@ -200,7 +200,7 @@ def test_main_runs_a_selection_and_records_the_command(demo, tmp_path):
 
 def test_notebook_is_generated_from_the_script():
     tool = _load("tools/make_notebooks.py", "make_notebooks")
-    for script, notebook in tool.NOTEBOOKS.items():
+    for script, notebook in tool.notebooks().items():
         committed = (ROOT / notebook).read_text(encoding="utf-8")
         assert committed == tool.render(script, notebook), f"run python tools/make_notebooks.py ({notebook})"
         cells = json.loads(committed)["cells"]

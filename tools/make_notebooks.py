@@ -23,7 +23,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Placeholder: replace ORG with the GitHub organisation that hosts
 # keras_qlora once it is published (the package is not on PyPI yet).
 REPOSITORY = "ORG/keras_qlora"
-NOTEBOOKS = {"examples/regression_demo.py": "examples/regression_demo.ipynb"}
+
+
+def notebooks():
+    """`{script: notebook}` for every example script written as cells (it starts with `# %%`)."""
+    found = {}
+    for script in sorted((ROOT / "examples").glob("*.py")):
+        if script.read_text(encoding="utf-8").startswith("# %%"):
+            relative = script.relative_to(ROOT).as_posix()
+            found[relative] = relative[: -len(".py")] + ".ipynb"
+    return found
+
 
 _MARKER = re.compile(r"^# %%(?P<markdown> \[markdown\])?\s*$")
 
@@ -116,7 +126,7 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="only report stale notebooks")
     args = parser.parse_args(argv)
     stale = []
-    for script, notebook in NOTEBOOKS.items():
+    for script, notebook in notebooks().items():
         text = render(script, notebook)
         path = ROOT / notebook
         if path.exists() and path.read_text(encoding="utf-8") == text:
