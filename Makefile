@@ -25,12 +25,12 @@ test: venv
 	@if [ "$(PARALLEL)" = "0" ]; then \
 		status=0; for backend in $(BACKENDS); do \
 			echo "=== KERAS_BACKEND=$$backend"; \
-			KERAS_BACKEND=$$backend $(RUN) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests || status=1; \
+			KERAS_BACKEND=$$backend $(RUN) $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 tests || status=1; \
 		done; exit $$status; \
 	fi; \
 	logs=$$(mktemp -d); pids=""; \
 	for backend in $(BACKENDS); do \
-		( KERAS_BACKEND=$$backend $(RUN) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests \
+		( KERAS_BACKEND=$$backend $(RUN) $(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=12 tests \
 			> $$logs/$$backend.log 2>&1; echo $$? > $$logs/$$backend.rc ) & pids="$$pids $$!"; \
 	done; \
 	wait $$pids; status=0; \
