@@ -108,7 +108,8 @@ class _PassState(threading.local):
         self.seen = set()
         self.finished_reads = []
         self.block_reads = []
-        self.alpha = None
+        # The current block's routing decision: `(Selection, operator R)`.
+        self.decision = None
         self.summary = None
         # The depth summary folded over `finished_reads[:folded]`.
         self.summary_state = None
@@ -122,7 +123,7 @@ class _PassState(threading.local):
                 self.finished_reads.append(_mean(self.block_reads))
             self.block = block
             self.block_reads = []
-            self.alpha = None
+            self.decision = None
             self.summary = None
         self.seen.add(id(caller))
 
@@ -348,6 +349,11 @@ class AtomMemory(keras.layers.Layer):
             the full logits `(..., num_atoms)`; and `log_prior`, the prior's
             `(batch, num_atoms)` `log pi` (`None` without an instruction).
         """
+        selection, read, logits, log_prior = self._select(z, block, summary, instruction, instruction_gate)
+        return Routing(selection.dense(), read, logits, log_prior)
+
+    def _select(self, z, block, summary, instruction, instruction_gate):
+        # `route`, with the weights kept sparse (a `routing.Selection`).
         self.check_block(block)
         z = ops.cast(z, "float32")
         if summary is None:
@@ -374,9 +380,9 @@ class AtomMemory(keras.layers.Layer):
         )
         if log_prior is not None and self.prior.prior_strength > 0:
             logits = logits + self.prior.prior_strength * routing.expand_to_positions(log_prior, z)
-        alpha = routing.top_k_softmax(logits, self.top_k)
-        read = None if self.atom_values is None else ops.matmul(alpha, self.atom_values)
-        return Routing(alpha, read, logits, log_prior)
+        selection = routing.select_atoms(logits, self.top_k)
+        read = None if self.atom_values is None else selection.combine(self.atom_values)
+        return selection, read, logits, log_prior
 
     def check_instruction(self, instruction):
         """Raises a `ValueError` unless this memory can use `instruction`."""
@@ -417,24 +423,27 @@ class AtomMemory(keras.layers.Layer):
         state.enter(caller, block)
         z = ops.cast(z, "float32")
         kl_loss = None
-        if self.routing == "block" and state.alpha is not None:
-            alpha = state.alpha
+        if self.routing == "block" and state.decision is not None:
+            selection, operator = state.decision
         else:
             if state.summary is None:
                 state.summary = self._current_summary(state)
-            result = self.route(z, block, state.summary, instruction, gate)
-            alpha = state.alpha = result.alpha
-            if result.read is not None:
-                state.block_reads.append(result.read)
-            if result.log_prior is not None and self.prior.prior_kl_weight > 0:
-                kl_loss = self.prior.prior_kl_weight * routing.kl_to_routing(
-                    result.log_prior, result.logits
-                )
+            selection, read, logits, log_prior = self._select(z, block, state.summary, instruction, gate)
+            # `R` is formed once per decision from the k selected atoms; every
+            # layer reusing the decision applies it at r² per position.
+            operator = routing.mixed_operator(selection, self.atoms)
+            state.decision = (selection, operator)
+            if read is not None:
+                state.block_reads.append(read)
+            if log_prior is not None and self.prior.prior_kl_weight > 0:
+                kl_loss = self.prior.prior_kl_weight * routing.kl_to_routing(log_prior, logits)
                 if gate is not None:
                     kl_loss = kl_loss * gate
         for capture in state.captures:
-            capture.append({"block": block, "layer": getattr(caller, "name", None), "caller": caller, "alpha": alpha})
-        return routing.mix_atoms(alpha, z, self.atoms) * self.adapter_gate, kl_loss
+            capture.append(
+                {"block": block, "layer": getattr(caller, "name", None), "caller": caller, "alpha": selection.dense()}
+            )
+        return routing.apply_operator(z, operator) * self.adapter_gate, kl_loss
 
     def reset_pass(self):
         """Forgets the current thread's pass; the next layer call starts one."""

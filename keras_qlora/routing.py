@@ -40,19 +40,92 @@ def top_k_softmax(logits, k):
 
 
 def mix_atoms(alpha, z, atoms):
-    """`R z = sum_m alpha_m (U_m z)` for every position.
+    """`R z = sum_m alpha_m (U_m z)` for every position, from dense weights.
 
     Args:
         alpha: `(..., M)` routing weights.
         z: `(..., r)` low-rank state.
         atoms: `(M, r, r)`; `U_m z` is the row vector `z @ U_m`.
 
-    Computed as one contraction over `(m, i)` of the outer product
-    `alpha ⊗ z` with the stacked atoms, so the cost per position is `M r²`
-    multiply-adds and no `r x r` matrix is formed per position.
+    One contraction over `(m, i)` of the outer product `alpha ⊗ z` with the
+    stacked atoms: `M r²` multiply-adds per position, whatever the number of
+    non-zero weights. The layers use `select_atoms` and `mixed_operator`
+    instead, whose cost does not grow with `M`; this dense form is kept as a
+    plain statement of the definition.
     """
     weighted = ops.multiply(ops.expand_dims(alpha, -1), ops.expand_dims(z, -2))
     return ops.einsum("...mi,mij->...j", weighted, atoms)
+
+
+class Selection:
+    """The routing weights of one decision, kept sparse.
+
+    `weights` `(..., k)` are the softmax over the `k` largest logits and
+    `indices` `(..., k)` the atoms they belong to. With `k` equal to the
+    number of atoms (the dense softmax) `indices` is `None` and `weights`
+    holds all `M` weights in atom order.
+    """
+
+    def __init__(self, weights, indices, num_atoms):
+        self.weights = weights
+        self.indices = indices
+        self.num_atoms = num_atoms
+        self._dense = None
+
+    def dense(self):
+        """The `(..., M)` weights `alpha`, zero on atoms not selected."""
+        if self._dense is None:
+            if self.indices is None:
+                self._dense = self.weights
+            else:
+                one_hot = ops.one_hot(self.indices, self.num_atoms, dtype=self.weights.dtype)
+                self._dense = ops.sum(ops.multiply(one_hot, ops.expand_dims(self.weights, -1)), axis=-2)
+        return self._dense
+
+    def combine(self, table):
+        """`sum_m alpha_m table_m` for a `(M, ...)` table, per position.
+
+        Gathers the `k` selected rows, so the cost is `k` rows, not `M`.
+        """
+        if self.indices is None:
+            return ops.tensordot(self.weights, table, axes=1)
+        rows = ops.take(table, self.indices, axis=0)  # (..., k, *row)
+        weights = self.weights
+        for _ in range(len(table.shape) - 1):
+            weights = ops.expand_dims(weights, -1)
+        return ops.sum(ops.multiply(weights, rows), axis=len(self.weights.shape) - 1)
+
+
+def select_atoms(logits, k):
+    """The top-`k` softmax of the last axis, as a sparse `Selection`.
+
+    Equal to `top_k_softmax(logits, k)` when no two logits tie at the k-th
+    place; on a tie it keeps exactly `k` atoms (which ones is up to the
+    backend's `top_k`), where the threshold form keeps every tied atom.
+    """
+    num_atoms = logits.shape[-1]
+    if num_atoms == 1:
+        return Selection(ops.ones_like(logits), None, 1)
+    if k >= num_atoms:
+        return Selection(ops.softmax(logits, axis=-1), None, num_atoms)
+    values, indices = ops.top_k(logits, k, sorted=True)
+    return Selection(ops.softmax(values, axis=-1), indices, num_atoms)
+
+
+def mixed_operator(selection, atoms):
+    """The routed operator `R = sum_m alpha_m U_m`, `(..., r, r)` per position.
+
+    Formed once per routing decision from the `k` selected atoms (`k r²`
+    multiply-adds per position) and applied by every layer that reuses the
+    decision with `apply_operator` (`r²` each), so neither step grows with
+    the number of atoms.
+    """
+    return selection.combine(atoms)
+
+
+def apply_operator(z, operator):
+    """`R z` (the row vector `z @ R`) per position, for `(..., r)` `z`."""
+    return ops.sum(ops.multiply(ops.expand_dims(z, -1), operator), axis=-2)
 
 
 def attention_fold(state, read, depth_query):

@@ -69,3 +69,95 @@ def test_kl_to_routing_matches_numpy():
     expected = np.mean(np.sum(np.exp(log_pi) * (log_pi - np.log(p_bar)), axis=-1))
     got = routing.kl_to_routing(*(ops.convert_to_tensor(a.astype("float32")) for a in (log_pi, logits)))
     np.testing.assert_allclose(to_numpy(got), expected, rtol=1e-4)
+
+
+# -- the sparse path the layers use ------------------------------------------
+
+
+def _gradient(f, x):
+    """d sum(f(x)) / dx on the current backend, as NumPy."""
+    import keras
+
+    backend = keras.backend.backend()
+    x = np.asarray(x, "float32")
+    if backend == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda v: ops.sum(f(v)))(x), np.float64)
+    if backend == "torch":
+        import torch
+
+        v = torch.tensor(x, requires_grad=True)
+        ops.sum(f(v)).backward()
+        return v.grad.numpy().astype(np.float64)
+    import tensorflow as tf
+
+    v = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(v)
+        y = ops.sum(f(v))
+    return tf.convert_to_tensor(tape.gradient(y, v)).numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+def test_select_atoms_matches_the_dense_top_k_softmax(k):
+    logits = np.random.default_rng(10 + k).normal(size=(4, 3, 7)).astype("float32")
+    selection = routing.select_atoms(ops.convert_to_tensor(logits), k)
+    expected = top_k_softmax(logits.astype(np.float64), k)
+    np.testing.assert_allclose(to_numpy(selection.dense()), expected, rtol=1e-5, atol=1e-7)
+    table = np.random.default_rng(1).normal(size=(7, 5)).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(selection.combine(ops.convert_to_tensor(table))), expected @ table, rtol=1e-5, atol=1e-6
+    )
+    # k == M is the dense softmax, kept without indices.
+    assert (selection.indices is None) == (k == 7)
+
+
+def test_select_atoms_keeps_exactly_k_atoms_on_ties():
+    logits = np.zeros((3, 5), "float32")
+    alpha = to_numpy(routing.select_atoms(ops.convert_to_tensor(logits), 2).dense())
+    np.testing.assert_array_equal((alpha > 0).sum(-1), 2)
+    np.testing.assert_allclose(alpha.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_select_atoms_with_a_single_atom_is_all_ones():
+    selection = routing.select_atoms(ops.convert_to_tensor(np.full((2, 3, 1), -5.0, "float32")), 2)
+    np.testing.assert_array_equal(to_numpy(selection.dense()), np.ones((2, 3, 1)))
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_mixed_operator_applied_to_z_equals_the_dense_mixture(k):
+    rng = np.random.default_rng(20 + k)
+    logits = rng.normal(size=(3, 4, 5)).astype("float32")
+    z = rng.normal(size=(3, 4, 6)).astype("float32")
+    atoms = rng.normal(size=(5, 6, 6)).astype("float32")
+    alpha = top_k_softmax(logits.astype(np.float64), k)
+    expected = np.einsum("bti,btij->btj", z, np.einsum("btm,mij->btij", alpha, atoms))
+    selection = routing.select_atoms(ops.convert_to_tensor(logits), k)
+    operator = routing.mixed_operator(selection, ops.convert_to_tensor(atoms))
+    assert tuple(operator.shape) == (3, 4, 6, 6)
+    got = routing.apply_operator(ops.convert_to_tensor(z), operator)
+    np.testing.assert_allclose(to_numpy(got), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_routing_has_the_gradients_of_the_dense_form():
+    rng = np.random.default_rng(30)
+    logits = rng.normal(size=(4, 6)).astype("float32")
+    z = ops.convert_to_tensor(rng.normal(size=(4, 3)).astype("float32"))
+    atoms = rng.normal(size=(6, 3, 3)).astype("float32")
+    weight = ops.convert_to_tensor(rng.normal(size=(4, 3)).astype("float32"))
+
+    def sparse(logits=logits, atoms=atoms):
+        logits, atoms = ops.convert_to_tensor(logits), ops.convert_to_tensor(atoms)
+        operator = routing.mixed_operator(routing.select_atoms(logits, 2), atoms)
+        return routing.apply_operator(z, operator) * weight
+
+    def dense(logits=logits, atoms=atoms):
+        logits, atoms = ops.convert_to_tensor(logits), ops.convert_to_tensor(atoms)
+        return routing.mix_atoms(routing.top_k_softmax(logits, 2), z, atoms) * weight
+
+    for wrt in ("logits", "atoms"):
+        got = _gradient(lambda v: sparse(**{wrt: v}), locals()[wrt])
+        want = _gradient(lambda v: dense(**{wrt: v}), locals()[wrt])
+        assert np.abs(want).max() > 1e-3  # the check is not vacuous
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
