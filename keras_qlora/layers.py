@@ -197,10 +197,12 @@ class QueryableLoRAMixin:
         routed, kl_loss = self.memory.routed_update(z, self.block, self, instruction)
         if kl_loss is not None:
             self.add_loss(kl_loss)
+        # The scale is applied in the bottleneck (r values per position, not
+        # d_out), before `B`.
         delta = ops.einsum(
-            self.factorization.up_equation, ops.cast(routed, dtype), ops.cast(self.qlora_b, dtype)
+            self.factorization.up_equation, ops.cast(routed * self.lora_scale, dtype), ops.cast(self.qlora_b, dtype)
         )
-        return ops.cast(delta * ops.cast(self.lora_scale, dtype), self.compute_dtype)
+        return ops.cast(delta, self.compute_dtype)
 
     def enable_lora(self, *args, **kwargs):
         raise ValueError(

@@ -359,11 +359,11 @@ class AtomMemory(keras.layers.Layer):
         if summary is None:
             summary = self.summary_init
         r = self.rank
-        query = (
-            ops.matmul(routing.rms_norm(z), self.query_kernel[:r])
-            + ops.matmul(summary, self.query_kernel[r:])
-            + self.block_embeddings[block]
-        )
+        # `@` on backend tensors: the same matmul as `ops.matmul`, without
+        # its per-call dispatch work, which dominates eager generation steps.
+        # Everything here is float32 and at least 2-D, except a 1-D summary.
+        kernel = ops.convert_to_tensor(self.query_kernel)
+        query = routing.rms_norm(z) @ kernel[:r] + ops.matmul(summary, kernel[r:]) + self.block_embeddings[block]
         log_prior = None
         if instruction is not None:
             self.check_instruction(instruction)
@@ -375,9 +375,7 @@ class AtomMemory(keras.layers.Layer):
             log_prior = self.prior.call(instruction)
             if instruction_gate is not None:
                 log_prior = log_prior * instruction_gate
-        logits = ops.matmul(query, ops.transpose(self.keys)) / (
-            self.temperature * math.sqrt(self.key_dim)
-        )
+        logits = (query @ ops.transpose(self.keys)) * (1.0 / (self.temperature * math.sqrt(self.key_dim)))
         if log_prior is not None and self.prior.prior_strength > 0:
             logits = logits + self.prior.prior_strength * routing.expand_to_positions(log_prior, z)
         selection = routing.select_atoms(logits, self.top_k)
@@ -431,7 +429,7 @@ class AtomMemory(keras.layers.Layer):
             selection, read, logits, log_prior = self._select(z, block, state.summary, instruction, gate)
             # `R` is formed once per decision from the k selected atoms; every
             # layer reusing the decision applies it at r² per position.
-            operator = routing.mixed_operator(selection, self.atoms)
+            operator = routing.mixed_operator(selection, self.atoms) * self.adapter_gate
             state.decision = (selection, operator)
             if read is not None:
                 state.block_reads.append(read)
@@ -443,7 +441,7 @@ class AtomMemory(keras.layers.Layer):
             capture.append(
                 {"block": block, "layer": getattr(caller, "name", None), "caller": caller, "alpha": selection.dense()}
             )
-        return routing.apply_operator(z, operator) * self.adapter_gate, kl_loss
+        return routing.apply_operator(z, operator), kl_loss
 
     def reset_pass(self):
         """Forgets the current thread's pass; the next layer call starts one."""

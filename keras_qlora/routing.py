@@ -15,7 +15,8 @@ _MASKED_LOGIT = -1e9
 
 def rms_norm(x):
     """`x / sqrt(mean(x**2) + eps)` over the last axis, without a scale."""
-    return ops.multiply(x, ops.rsqrt(ops.mean(ops.square(x), axis=-1, keepdims=True) + RMS_EPSILON))
+    # Keras's op is exactly this (one fused kernel on PyTorch).
+    return ops.rms_normalization(x, axis=-1, epsilon=RMS_EPSILON)
 
 
 def top_k_softmax(logits, k):
@@ -90,10 +91,8 @@ class Selection:
         if self.indices is None:
             return ops.tensordot(self.weights, table, axes=1)
         rows = ops.take(table, self.indices, axis=0)  # (..., k, *row)
-        weights = self.weights
-        for _ in range(len(table.shape) - 1):
-            weights = ops.expand_dims(weights, -1)
-        return ops.sum(ops.multiply(weights, rows), axis=len(self.weights.shape) - 1)
+        row_axes = "ijlmn"[: len(table.shape) - 1]
+        return ops.einsum(f"...k,...k{row_axes}->...{row_axes}", self.weights, rows)
 
 
 def select_atoms(logits, k):
@@ -125,7 +124,7 @@ def mixed_operator(selection, atoms):
 
 def apply_operator(z, operator):
     """`R z` (the row vector `z @ R`) per position, for `(..., r)` `z`."""
-    return ops.sum(ops.multiply(ops.expand_dims(z, -1), operator), axis=-2)
+    return ops.einsum("...i,...ij->...j", z, operator)
 
 
 def attention_fold(state, read, depth_query):
@@ -142,7 +141,7 @@ def attention_fold(state, read, depth_query):
         read: `(..., d_s)` read `v_j` of the block that just finished.
         depth_query: `(d_s,)` vector `w`.
     """
-    score = ops.expand_dims(ops.einsum("...d,d->...", rms_norm(read), depth_query), -1)
+    score = ops.sum(rms_norm(read) * depth_query, axis=-1, keepdims=True)
     read = ops.convert_to_tensor(read)
     if state is None:
         return score, read, ops.ones_like(score)
