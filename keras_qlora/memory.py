@@ -108,7 +108,8 @@ class _PassState(threading.local):
         self.seen = set()
         self.finished_reads = []
         self.block_reads = []
-        # The current block's routing decision: `(Selection, operator R)`.
+        # The current block's routing decision: `(Selection, gated weights,
+        # gathered atoms)`.
         self.decision = None
         self.summary = None
         # The depth summary folded over `finished_reads[:folded]`.
@@ -422,15 +423,16 @@ class AtomMemory(keras.layers.Layer):
         z = ops.cast(z, "float32")
         kl_loss = None
         if self.routing == "block" and state.decision is not None:
-            selection, operator = state.decision
+            selection, weights, gathered = state.decision
         else:
             if state.summary is None:
                 state.summary = self._current_summary(state)
             selection, read, logits, log_prior = self._select(z, block, state.summary, instruction, gate)
-            # `R` is formed once per decision from the k selected atoms; every
-            # layer reusing the decision applies it at r² per position.
-            operator = routing.mixed_operator(selection, self.atoms) * self.adapter_gate
-            state.decision = (selection, operator)
+            # The k selected atoms are gathered once per decision; every layer
+            # reusing it mixes them with its own z (k r² per position).
+            gathered = routing.gather_atoms(selection, self.atoms)
+            weights = selection.weights * self.adapter_gate
+            state.decision = (selection, weights, gathered)
             if read is not None:
                 state.block_reads.append(read)
             if log_prior is not None and self.prior.prior_kl_weight > 0:
@@ -441,7 +443,7 @@ class AtomMemory(keras.layers.Layer):
             capture.append(
                 {"block": block, "layer": getattr(caller, "name", None), "caller": caller, "alpha": selection.dense()}
             )
-        return routing.apply_operator(z, operator), kl_loss
+        return routing.apply_atoms(weights, z, gathered), kl_loss
 
     def reset_pass(self):
         """Forgets the current thread's pass; the next layer call starts one."""

@@ -24,7 +24,8 @@ def top_k_softmax(logits, k):
 
     The result is a convex combination: non-negative, sums to one, with `k`
     non-zeros when no two logits tie at the k-th place. With `k` equal to the
-    number of atoms it is the dense softmax. Selection is by a threshold on
+    number of atoms it is the dense softmax. This dense form is the plain
+    statement of the definition; the layers route with `select_atoms`. Selection is by a threshold on
     the k-th value, so no index arithmetic (whose tie-breaking and
     out-of-range behaviour differ per backend) is involved.
     """
@@ -50,9 +51,9 @@ def mix_atoms(alpha, z, atoms):
 
     One contraction over `(m, i)` of the outer product `alpha ⊗ z` with the
     stacked atoms: `M r²` multiply-adds per position, whatever the number of
-    non-zero weights. The layers use `select_atoms` and `mixed_operator`
-    instead, whose cost does not grow with `M`; this dense form is kept as a
-    plain statement of the definition.
+    non-zero weights. The layers use `select_atoms`, `gather_atoms` and
+    `apply_atoms` instead, whose cost does not grow with `M`; this dense
+    form serves the dense softmax (`k = M`) and states the definition.
     """
     weighted = ops.multiply(ops.expand_dims(alpha, -1), ops.expand_dims(z, -2))
     return ops.einsum("...mi,mij->...j", weighted, atoms)
@@ -111,20 +112,37 @@ def select_atoms(logits, k):
     return Selection(ops.softmax(values, axis=-1), indices, num_atoms)
 
 
-def mixed_operator(selection, atoms):
-    """The routed operator `R = sum_m alpha_m U_m`, `(..., r, r)` per position.
+def gather_atoms(selection, atoms):
+    """The atoms a decision uses: `(..., k, r, r)` per position.
 
-    Formed once per routing decision from the `k` selected atoms (`k r²`
-    multiply-adds per position) and applied by every layer that reuses the
-    decision with `apply_operator` (`r²` each), so neither step grows with
-    the number of atoms.
+    The `k` selected atoms, gathered once per routing decision and shared by
+    every layer that reuses the decision. With the dense softmax (no
+    indices) it is the `(M, r, r)` stack itself.
     """
-    return selection.combine(atoms)
+    if selection.indices is None:
+        return atoms
+    return ops.take(atoms, selection.indices, axis=0)
 
 
-def apply_operator(z, operator):
-    """`R z` (the row vector `z @ R`) per position, for `(..., r)` `z`."""
-    return ops.einsum("...i,...ij->...j", z, operator)
+def apply_atoms(weights, z, gathered):
+    """`R z = sum_k w_k (z @ U_k)` per position.
+
+    Args:
+        weights: `(..., k)` weights of the gathered atoms (or `(..., M)`
+            with the dense stack).
+        z: `(..., r)` low-rank state.
+        gathered: what `gather_atoms` returned.
+
+    Written as one product and a sum over `(k, i)`, which XLA fuses into a
+    single reduction: `k r²` multiply-adds per position and layer, nothing
+    per position that grows with the number of atoms, and no `r x r`
+    operator kept per position. Training keeps the gathered `k r²` atom
+    entries per position for the backward pass, once per decision.
+    """
+    if len(gathered.shape) == 3:  # the dense (M, r, r) stack
+        return mix_atoms(weights, z, gathered)
+    weighted = ops.expand_dims(ops.expand_dims(weights, -1) * ops.expand_dims(z, -2), -1)
+    return ops.sum(weighted * gathered, axis=(-3, -2))
 
 
 def attention_fold(state, read, depth_query):

@@ -126,7 +126,7 @@ def test_select_atoms_with_a_single_atom_is_all_ones():
 
 
 @pytest.mark.parametrize("k", [2, 5])
-def test_mixed_operator_applied_to_z_equals_the_dense_mixture(k):
+def test_gathered_atoms_applied_to_z_equal_the_dense_mixture(k):
     rng = np.random.default_rng(20 + k)
     logits = rng.normal(size=(3, 4, 5)).astype("float32")
     z = rng.normal(size=(3, 4, 6)).astype("float32")
@@ -134,9 +134,9 @@ def test_mixed_operator_applied_to_z_equals_the_dense_mixture(k):
     alpha = top_k_softmax(logits.astype(np.float64), k)
     expected = np.einsum("bti,btij->btj", z, np.einsum("btm,mij->btij", alpha, atoms))
     selection = routing.select_atoms(ops.convert_to_tensor(logits), k)
-    operator = routing.mixed_operator(selection, ops.convert_to_tensor(atoms))
-    assert tuple(operator.shape) == (3, 4, 6, 6)
-    got = routing.apply_operator(ops.convert_to_tensor(z), operator)
+    gathered = routing.gather_atoms(selection, ops.convert_to_tensor(atoms))
+    assert tuple(gathered.shape) == ((3, 4, k, 6, 6) if k < 5 else (5, 6, 6))
+    got = routing.apply_atoms(selection.weights, ops.convert_to_tensor(z), gathered)
     np.testing.assert_allclose(to_numpy(got), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -149,8 +149,8 @@ def test_sparse_routing_has_the_gradients_of_the_dense_form():
 
     def sparse(logits=logits, atoms=atoms):
         logits, atoms = ops.convert_to_tensor(logits), ops.convert_to_tensor(atoms)
-        operator = routing.mixed_operator(routing.select_atoms(logits, 2), atoms)
-        return routing.apply_operator(z, operator) * weight
+        selection = routing.select_atoms(logits, 2)
+        return routing.apply_atoms(selection.weights, z, routing.gather_atoms(selection, atoms)) * weight
 
     def dense(logits=logits, atoms=atoms):
         logits, atoms = ops.convert_to_tensor(logits), ops.convert_to_tensor(atoms)
