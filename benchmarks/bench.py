@@ -88,6 +88,17 @@ def batch(lm, batch_size, seq, seed=0):
     return x, ids[:, 1:]
 
 
+def code_version():
+    """The git commit the figures were measured at (`+dirty` with local edits)."""
+    root = os.path.dirname(HERE)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "keras_qlora", "benchmarks/*.py"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def trainable_count(lm):
     return int(sum(np.prod(w.shape) for w in lm.trainable_weights))
 
@@ -256,7 +267,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"bench_{BACKEND}" + (f"_{args.tag}" if args.tag else ""))
     with open(stem + ".json", "w") as f:
-        json.dump({"backend": BACKEND, "jit": JIT, "command": command, "keras": keras.__version__,
+        json.dump({"backend": BACKEND, "jit": JIT, "command": command, "commit": code_version(), "keras": keras.__version__,
                    "results": results}, f, indent=1)
     table = markdown(results, command)
     with open(stem + ".md", "w") as f:

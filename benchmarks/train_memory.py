@@ -145,7 +145,7 @@ def main():
         print(json.dumps(row), flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"train_memory_{backend}.json"), "w") as f:
-        json.dump({"backend": backend, "command": command, "keras": keras.version(), "results": results}, f, indent=1)
+        json.dump({"backend": backend, "command": command, "commit": bench.code_version(), "keras": keras.version(), "results": results}, f, indent=1)
     keys = [k for k in results[0]["qlora"] if k.endswith("_mb")]
     print(f"\n{command}\n")
     print("| model | " + " | ".join(f"{k[:-3]} MB, LoRA → QLoRA" for k in keys) + " | peak ×LoRA |")
