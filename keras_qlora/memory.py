@@ -443,7 +443,7 @@ class AtomMemory(keras.layers.Layer):
             capture.append(
                 {"block": block, "layer": getattr(caller, "name", None), "caller": caller, "alpha": selection.dense()}
             )
-        return routing.apply_atoms(weights, z, gathered), kl_loss
+        return routing.apply_atoms(selection, weights, z, gathered), kl_loss
 
     def reset_pass(self):
         """Forgets the current thread's pass; the next layer call starts one."""

@@ -85,15 +85,13 @@ class Selection:
         return self._dense
 
     def combine(self, table):
-        """`sum_m alpha_m table_m` for a `(M, ...)` table, per position.
+        """`sum_m alpha_m table_m` for a `(M, d)` table, per position.
 
         Gathers the `k` selected rows, so the cost is `k` rows, not `M`.
         """
         if self.indices is None:
-            return ops.tensordot(self.weights, table, axes=1)
-        rows = ops.take(table, self.indices, axis=0)  # (..., k, *row)
-        row_axes = "ijlmn"[: len(table.shape) - 1]
-        return ops.einsum(f"...k,...k{row_axes}->...{row_axes}", self.weights, rows)
+            return ops.matmul(self.weights, table)
+        return ops.einsum("...k,...kd->...d", self.weights, ops.take(table, self.indices, axis=0))
 
 
 def select_atoms(logits, k):
@@ -124,14 +122,16 @@ def gather_atoms(selection, atoms):
     return ops.take(atoms, selection.indices, axis=0)
 
 
-def apply_atoms(weights, z, gathered):
+def apply_atoms(selection, weights, z, gathered):
     """`R z = sum_k w_k (z @ U_k)` per position.
 
     Args:
+        selection: the decision's `Selection` (it says whether `gathered`
+            is the dense stack).
         weights: `(..., k)` weights of the gathered atoms (or `(..., M)`
-            with the dense stack).
+            with the dense stack): `selection.weights`, possibly gated.
         z: `(..., r)` low-rank state.
-        gathered: what `gather_atoms` returned.
+        gathered: what `gather_atoms(selection, atoms)` returned.
 
     Written as one product and a sum over `(k, i)`, which XLA fuses into a
     single reduction: `k r²` multiply-adds per position and layer, nothing
@@ -139,7 +139,7 @@ def apply_atoms(weights, z, gathered):
     operator kept per position. Training keeps the gathered `k r²` atom
     entries per position for the backward pass, once per decision.
     """
-    if len(gathered.shape) == 3:  # the dense (M, r, r) stack
+    if selection.indices is None:  # the dense (M, r, r) stack
         return mix_atoms(weights, z, gathered)
     weighted = ops.expand_dims(ops.expand_dims(weights, -1) * ops.expand_dims(z, -2), -1)
     return ops.sum(weighted * gathered, axis=(-3, -2))

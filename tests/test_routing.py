@@ -136,7 +136,7 @@ def test_gathered_atoms_applied_to_z_equal_the_dense_mixture(k):
     selection = routing.select_atoms(ops.convert_to_tensor(logits), k)
     gathered = routing.gather_atoms(selection, ops.convert_to_tensor(atoms))
     assert tuple(gathered.shape) == ((3, 4, k, 6, 6) if k < 5 else (5, 6, 6))
-    got = routing.apply_atoms(selection.weights, ops.convert_to_tensor(z), gathered)
+    got = routing.apply_atoms(selection, selection.weights, ops.convert_to_tensor(z), gathered)
     np.testing.assert_allclose(to_numpy(got), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -150,7 +150,7 @@ def test_sparse_routing_has_the_gradients_of_the_dense_form():
     def sparse(logits=logits, atoms=atoms):
         logits, atoms = ops.convert_to_tensor(logits), ops.convert_to_tensor(atoms)
         selection = routing.select_atoms(logits, 2)
-        return routing.apply_atoms(selection.weights, z, routing.gather_atoms(selection, atoms)) * weight
+        return routing.apply_atoms(selection, selection.weights, z, routing.gather_atoms(selection, atoms)) * weight
 
     def dense(logits=logits, atoms=atoms):
         logits, atoms = ops.convert_to_tensor(logits), ops.convert_to_tensor(atoms)
